@@ -1,0 +1,436 @@
+"""The multiconn wire protocol, without any I/O ("sans-IO").
+
+A frame is ``hlen`` (uint16, big-endian) + a UTF-8 JSON header of ``hlen`` bytes
++ ``content-length`` bytes of content (see docs/protocol.md). This module turns
+bytes into `Frame` objects and back and never touches a socket, so it can be
+tested byte by byte and reused by any transport.
+
+Theory of operation
+-------------------
+`FrameDecoder.feed` takes whatever bytes a ``recv`` returned and returns every
+frame they complete, in order, keeping the tail of an unfinished frame. Two
+things keep it fast on a stream of small frames:
+
+* It parses straight out of the bytes it was given when nothing was buffered
+  before, and otherwise out of one ``bytearray`` whose consumed prefix is deleted
+  once per call (CPython deletes a bytearray prefix in O(1)), so a read never
+  costs more than a copy of its own bytes.
+* A stream of frames repeats the same header bytes over and over (only ``id``
+  changes, and many clients send none), so validated headers are kept in a small
+  bounded cache keyed by their exact bytes. JSON parsing and validation then run
+  once per distinct header, not once per frame. The encoder does the same for
+  response headers.
+
+Errors are raised as `ProtocolError` with the protocol's code. Frames completed
+before the bad bytes are not lost: they ride on the exception as ``.frames`` so
+that a server can answer them (in order) before it sends the error frame. After
+an error the decoder stays broken: framing can no longer be trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from typing import Any, Iterable
+
+from .errors import ProtocolError
+
+__all__ = [
+    "ErrorCode",
+    "Frame",
+    "FrameDecoder",
+    "encode_frame",
+    "encode_frames",
+    "DEFAULT_MAX_CONTENT",
+    "TEXT_ENCODINGS",
+]
+
+DEFAULT_MAX_CONTENT = 16 * 1024 * 1024
+MAX_HEADER_LENGTH = 0xFFFF
+REQUIRED_KEYS = ("byteorder", "content-type", "content-encoding", "content-length")
+JSON_CONTENT_TYPE = "text/json"
+TEXT_ENCODINGS = frozenset(
+    {
+        "utf-8", "utf8", "utf-16", "utf-16-le", "utf-16-be", "utf-32",
+        "utf-32-le", "utf-32-be", "ascii", "latin-1", "iso-8859-1",
+    }
+)
+_HLEN = struct.Struct(">H")
+_UTF8_BOM = b"\xef\xbb\xbf"
+_HEADER_CACHE_SIZE = 1024
+
+
+class ErrorCode:
+    """The error codes of PROTOCOL.md section 3, as they appear on the wire."""
+
+    BAD_HEADER_LENGTH = "bad-header-length"
+    BAD_HEADER = "bad-header"
+    MISSING_HEADER = "missing-header"
+    BAD_HEADER_VALUE = "bad-header-value"
+    CONTENT_TOO_LARGE = "content-too-large"
+    BAD_CONTENT = "bad-content"
+    TIMEOUT = "timeout"
+    HANDLER_ERROR = "handler-error"
+
+    ALL = (
+        BAD_HEADER_LENGTH, BAD_HEADER, MISSING_HEADER, BAD_HEADER_VALUE,
+        CONTENT_TOO_LARGE, BAD_CONTENT, TIMEOUT, HANDLER_ERROR,
+    )
+    #: Codes after which the connection is closed: framing can't be trusted.
+    FATAL = frozenset(
+        {BAD_HEADER_LENGTH, BAD_HEADER, MISSING_HEADER, BAD_HEADER_VALUE,
+         CONTENT_TOO_LARGE, TIMEOUT}
+    )
+
+
+def normalize_encoding(name: str) -> str:
+    """Spell a codec name the way TEXT_ENCODINGS does (case-free, ``_`` as ``-``)."""
+    return name.lower().replace("_", "-")
+
+
+def is_valid_id(value: Any) -> bool:
+    """A request id is a JSON string or integer (and a JSON boolean is neither)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+_NO_JSON = object()
+
+
+class Frame:
+    """One protocol frame: a header dict and the content bytes.
+
+    A frame you build needs only ``content-type`` and ``content-encoding`` (and
+    ``id`` if you want one); the encoder fills in ``byteorder`` and
+    ``content-length``. Decoded frames carry every key that was received.
+    """
+
+    __slots__ = ("header", "content", "_json")
+
+    def __init__(self, header: dict[str, Any], content: bytes = b"") -> None:
+        self.header = header
+        self.content = content
+        self._json = _NO_JSON
+
+    @classmethod
+    def json(cls, value: Any, *, id: Any = None, encoding: str = "utf-8") -> "Frame":
+        """A ``text/json`` frame holding `value`."""
+        content = json.dumps(value, ensure_ascii=False).encode(encoding)
+        header = {"content-type": JSON_CONTENT_TYPE, "content-encoding": encoding}
+        if id is not None:
+            header["id"] = id
+        frame = cls(header, content)
+        frame._json = value
+        return frame
+
+    @classmethod
+    def binary(
+        cls,
+        content: bytes,
+        *,
+        content_type: str = "binary/octet-stream",
+        encoding: str = "binary",
+        id: Any = None,
+    ) -> "Frame":
+        """A frame of opaque bytes."""
+        header = {"content-type": content_type, "content-encoding": encoding}
+        if id is not None:
+            header["id"] = id
+        return cls(header, bytes(content))
+
+    @classmethod
+    def error(cls, code: str, message: str, *, id: Any = None) -> "Frame":
+        """The error frame of PROTOCOL.md section 3."""
+        return cls.json({"error": {"code": code, "message": message}}, id=id)
+
+    @property
+    def content_type(self) -> str:
+        return self.header.get("content-type", "")
+
+    @property
+    def content_encoding(self) -> str:
+        return self.header.get("content-encoding", "")
+
+    @property
+    def id(self) -> Any:
+        return self.header.get("id")
+
+    @property
+    def is_json(self) -> bool:
+        return self.header.get("content-type") == JSON_CONTENT_TYPE
+
+    def json_content(self) -> Any:
+        """Decode and parse ``text/json`` content (parsed once, then cached).
+
+        Raises `ProtocolError` with code ``bad-content`` when the content is not
+        JSON text in its declared encoding.
+        """
+        if self._json is _NO_JSON:
+            self._json = _parse_json_content(self.content, self.content_encoding, self.id)
+        return self._json
+
+    @property
+    def error_info(self) -> tuple[str, str] | None:
+        """``(code, message)`` if this is an error frame, else None."""
+        if not self.is_json:
+            return None
+        try:
+            value = self.json_content()
+        except ProtocolError:
+            return None
+        if not (isinstance(value, dict) and len(value) == 1 and isinstance(value.get("error"), dict)):
+            return None
+        error = value["error"]
+        code, message = error.get("code"), error.get("message")
+        if isinstance(code, str) and isinstance(message, str):
+            return code, message
+        return None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return self.header == other.header and self.content == other.content
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        content = self.content if len(self.content) <= 40 else self.content[:40] + b"..."
+        return f"Frame({self.header!r}, {content!r})"
+
+
+def _parse_json_content(content: bytes, encoding: str, request_id: Any) -> Any:
+    try:
+        text = bytes(content).decode(normalize_encoding(encoding))
+        return json.loads(text)
+    except (UnicodeDecodeError, LookupError, ValueError) as exc:
+        raise ProtocolError(
+            ErrorCode.BAD_CONTENT, f"text/json content does not parse: {exc}", request_id
+        ) from None
+
+
+# -- decoding -------------------------------------------------------------
+
+
+class _HeaderObject(dict):
+    """A JSON object that remembers whether a required key appeared twice."""
+
+    duplicate: str | None = None
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> _HeaderObject:
+    obj = _HeaderObject(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen and key in REQUIRED_KEYS:
+                obj.duplicate = key
+                break
+            seen.add(key)
+    return obj
+
+
+def _fail(code: str, message: str, request_id: Any = None) -> ProtocolError:
+    return ProtocolError(code, message, request_id)
+
+
+def parse_header(raw: bytes) -> tuple[dict[str, Any], int, Any]:
+    """Validate header bytes; return ``(header, content_length, request_id)``.
+
+    Raises `ProtocolError` with the code PROTOCOL.md assigns to each defect.
+    """
+    if raw.startswith(_UTF8_BOM):
+        raise _fail(ErrorCode.BAD_HEADER, "header starts with a byte-order mark")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _fail(ErrorCode.BAD_HEADER, "header is not valid UTF-8") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_object_pairs)
+    except (ValueError, RecursionError):
+        raise _fail(ErrorCode.BAD_HEADER, "header is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise _fail(ErrorCode.BAD_HEADER, "header is not a JSON object")
+    if obj.duplicate is not None:
+        raise _fail(ErrorCode.BAD_HEADER, f"header key {obj.duplicate!r} appears twice")
+    header = dict(obj)
+
+    request_id = header.get("id")
+    if "id" in header and not is_valid_id(request_id):
+        raise _fail(ErrorCode.BAD_HEADER_VALUE, "'id' must be a string or an integer")
+    missing = [key for key in REQUIRED_KEYS if key not in header]
+    if missing:
+        raise _fail(ErrorCode.MISSING_HEADER, f"header lacks {', '.join(map(repr, missing))}", request_id)
+
+    def bad_value(message: str) -> ProtocolError:
+        return _fail(ErrorCode.BAD_HEADER_VALUE, message, request_id)
+
+    if header["byteorder"] not in ("little", "big"):
+        raise bad_value("'byteorder' must be \"little\" or \"big\"")
+    for key in ("content-type", "content-encoding"):
+        value = header[key]
+        if not isinstance(value, str) or not value:
+            raise bad_value(f"{key!r} must be a non-empty string")
+    length = header["content-length"]
+    if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+        raise bad_value("'content-length' must be an integer >= 0")
+    if header["content-type"] == JSON_CONTENT_TYPE and (
+        normalize_encoding(header["content-encoding"]) not in TEXT_ENCODINGS
+    ):
+        raise bad_value(f"{header['content-encoding']!r} is not a text encoding for text/json")
+    return header, length, request_id
+
+
+class FrameDecoder:
+    """Incremental decoder: `feed` bytes in, complete frames out.
+
+    `max_content` is enforced as soon as a header is complete, before any of the
+    content is buffered.
+    """
+
+    __slots__ = ("max_content", "_buffer", "_pending", "_error")
+
+    # Shared by every decoder: the headers of one stream, and of many
+    # connections of one client program, are the same bytes again and again.
+    _header_cache: dict[bytes, tuple[dict[str, Any], int, Any]] = {}
+
+    def __init__(self, max_content: int = DEFAULT_MAX_CONTENT) -> None:
+        self.max_content = max_content
+        self._buffer = bytearray()
+        # The parsed header of a frame whose content has not all arrived yet.
+        self._pending: tuple[dict[str, Any], int, Any] | None = None
+        self._error: ProtocolError | None = None
+
+    @property
+    def has_partial(self) -> bool:
+        """True while a frame has started but not finished."""
+        return bool(self._buffer) or self._pending is not None
+
+    @property
+    def partial_id(self) -> Any:
+        """The ``id`` of the unfinished frame, once its header is complete."""
+        return self._pending[2] if self._pending is not None else None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for an unfinished frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add received bytes; return every frame they complete, in order.
+
+        On malformed input raises `ProtocolError`; its ``frames`` attribute holds
+        the frames that were complete before the bad bytes.
+        """
+        if self._error is not None:
+            raise self._error
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            source: bytes | bytearray | memoryview = memoryview(buffer)
+        else:
+            source = data
+        frames: list[Frame] = []
+        try:
+            consumed = self._parse(source, frames)
+        except ProtocolError as exc:
+            if isinstance(source, memoryview):
+                source.release()
+            exc.frames = frames  # type: ignore[attr-defined]
+            self._error = exc
+            self._buffer = bytearray()
+            self._pending = None
+            raise
+        if isinstance(source, memoryview):
+            source.release()
+            del buffer[:consumed]
+        elif consumed < len(data):
+            buffer += memoryview(data)[consumed:]
+        return frames
+
+    def _parse(self, data: Any, frames: list[Frame]) -> int:
+        """Append the frames in `data` to `frames`; return the bytes consumed."""
+        end = len(data)
+        pos = 0
+        pending = self._pending
+        cache = self._header_cache
+        while True:
+            if pending is None:
+                if end - pos < 2:
+                    break
+                hlen = (data[pos] << 8) | data[pos + 1]
+                if hlen == 0:
+                    raise _fail(ErrorCode.BAD_HEADER_LENGTH, "header length is 0")
+                start = pos + 2
+                if end - start < hlen:
+                    break
+                raw = bytes(data[start : start + hlen])
+                pending = cache.get(raw)
+                if pending is None:
+                    pending = parse_header(raw)
+                    if pending[2] is None:  # headers with ids rarely repeat
+                        if len(cache) >= _HEADER_CACHE_SIZE:
+                            cache.clear()
+                        cache[raw] = pending
+                if pending[1] > self.max_content:
+                    raise _fail(
+                        ErrorCode.CONTENT_TOO_LARGE,
+                        f"content-length {pending[1]} exceeds the limit of {self.max_content}",
+                        pending[2],
+                    )
+                pos = start + hlen
+            length = pending[1]
+            if end - pos < length:
+                break
+            frames.append(Frame(pending[0].copy(), bytes(data[pos : pos + length])))
+            pos += length
+            pending = None
+        self._pending = pending
+        return pos
+
+
+# -- encoding -------------------------------------------------------------
+
+_BYTEORDER = sys.byteorder
+_prefix_cache: dict[tuple[Any, ...], bytes] = {}
+
+
+def encode_header(header: dict[str, Any], content_length: int) -> bytes:
+    """The ``hlen`` + JSON header bytes for a frame with that header and length.
+
+    ``byteorder`` and ``content-length`` are always the encoder's own, whatever
+    `header` says. Encoded prefixes are cached per distinct header.
+    """
+    try:
+        key = (*header.items(), content_length)
+        prefix = _prefix_cache.get(key)
+    except TypeError:  # unhashable header values: encode without the cache
+        key, prefix = None, None
+    if prefix is not None:
+        return prefix
+    full = {"byteorder": _BYTEORDER}
+    full.update(header)
+    full["byteorder"] = _BYTEORDER
+    full["content-length"] = content_length
+    raw = json.dumps(full, ensure_ascii=False).encode("utf-8")
+    if len(raw) > MAX_HEADER_LENGTH:
+        raise ValueError(f"encoded header is {len(raw)} bytes, more than {MAX_HEADER_LENGTH}")
+    prefix = _HLEN.pack(len(raw)) + raw
+    if key is not None and "id" not in header:
+        if len(_prefix_cache) >= _HEADER_CACHE_SIZE:
+            _prefix_cache.clear()
+        _prefix_cache[key] = prefix
+    return prefix
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """The bytes of one frame on the wire."""
+    return encode_header(frame.header, len(frame.content)) + frame.content
+
+
+def encode_frames(frames: Iterable[Frame]) -> bytes:
+    """The bytes of several frames, ready for one ``send``."""
+    parts = []
+    for frame in frames:
+        parts.append(encode_header(frame.header, len(frame.content)))
+        parts.append(frame.content)
+    return b"".join(parts)
