@@ -1,0 +1,31 @@
+"""multiconn: many TCP connections at once on selectors, with a small framed protocol.
+
+The protocol (`Frame`, `FrameDecoder`, `encode_frame`) does no I/O; the event
+loop, server and clients sit on top of it and are the only code that touches
+sockets.
+"""
+
+from .apps import echo, load_app, raw_echo, search
+from .client import Client, MultiClient, Response, connect
+from .errors import (
+    AppLoadError,
+    ConnectionClosed,
+    ConnectionFailed,
+    ErrorResponse,
+    MulticonnError,
+    ProtocolError,
+    Timeout,
+)
+from .limits import Limits
+from .loop import EventLoop
+from .protocol import ErrorCode, Frame, FrameDecoder, encode_frame, encode_frames
+from .server import Server
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AppLoadError", "Client", "ConnectionClosed", "ConnectionFailed", "ErrorCode",
+    "ErrorResponse", "EventLoop", "Frame", "FrameDecoder", "Limits", "MultiClient",
+    "MulticonnError", "ProtocolError", "Response", "Server", "Timeout", "connect",
+    "echo", "encode_frame", "encode_frames", "load_app", "raw_echo", "search",
+]

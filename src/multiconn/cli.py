@@ -1,0 +1,160 @@
+"""The ``multiconn`` command line: ``serve`` and ``request``.
+
+Errors a user can cause (a bad flag, a busy port, a refused connection, an
+error frame) end in one readable line on stderr and a non-zero exit status,
+never in a traceback: 2 for bad usage (argparse's convention), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable, Sequence
+
+from . import __version__
+from .apps import load_app
+from .client import DEFAULT_TIMEOUT, connect
+from .errors import AppLoadError, ErrorResponse, MulticonnError
+from .limits import Limits
+from .protocol import DEFAULT_MAX_CONTENT, Frame
+from .server import Server
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 65432
+_DEFAULTS = Limits()
+
+
+def _number(kind: Callable[[str], float], minimum: float, inclusive: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if value < minimum or (value == minimum and not inclusive):
+            bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_float = _number(float, 0, inclusive=False)
+positive_int = _number(int, 1, inclusive=True)
+non_negative_int = _number(int, 0, inclusive=True)
+
+
+def port_number(text: str) -> int:
+    port = non_negative_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0..65535, got {text}")
+    return int(port)
+
+
+def _add_address(parser: argparse.ArgumentParser, port_help: str) -> None:
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to use (default {DEFAULT_HOST}; IPv6 like ::1 works)")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=port_help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multiconn",
+        description="Serve and query many TCP connections at once with the multiconn framed protocol.",
+    )
+    parser.add_argument("--version", action="version", version=f"multiconn {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser("serve", help="run a server", description="Run a multiconn server until SIGINT/SIGTERM.")
+    _add_address(serve, f"port to listen on; 0 picks a free one (default {DEFAULT_PORT})")
+    serve.add_argument("--app", default="search",
+                       help="search (default), echo, raw-echo, or package.module:attr for your own handler")
+    serve.add_argument("--max-content", type=non_negative_int, default=DEFAULT_MAX_CONTENT, metavar="BYTES",
+                       help=f"largest content-length accepted (default {DEFAULT_MAX_CONTENT})")
+    serve.add_argument("--frame-timeout", type=positive_float, default=_DEFAULTS.frame_timeout, metavar="SECONDS",
+                       help=f"time from a frame's first byte to its last (default {_DEFAULTS.frame_timeout:g})")
+    serve.add_argument("--idle-timeout", type=positive_float, default=_DEFAULTS.idle_timeout, metavar="SECONDS",
+                       help=f"close connections idle this long (default {_DEFAULTS.idle_timeout:g})")
+    serve.add_argument("--max-connections", type=positive_int, default=_DEFAULTS.max_connections, metavar="N",
+                       help=f"stop accepting at this many open connections (default {_DEFAULTS.max_connections})")
+    serve.add_argument("--drain-timeout", type=positive_float, default=_DEFAULTS.drain_timeout, metavar="SECONDS",
+                       help=f"on shutdown, abort what is not done after this long (default {_DEFAULTS.drain_timeout:g})")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="logging threshold (default info)")
+    serve.set_defaults(run=run_serve)
+
+    request = commands.add_parser(
+        "request", help="send one request and print the answer",
+        description="Send one request, as the guide's app-client does: 'search VALUE' sends a JSON "
+                    "search; any other ACTION sends ACTION+VALUE as binary content.",
+    )
+    _add_address(request, f"server port (default {DEFAULT_PORT})")
+    request.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                         help=f"give up after this long without progress (default {DEFAULT_TIMEOUT:g})")
+    request.add_argument("action", help="'search', or any other word for a binary request")
+    request.add_argument("value", help="the search term, or the rest of the binary content")
+    request.set_defaults(run=run_request)
+    return parser
+
+
+def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = load_app(args.app)
+    except AppLoadError as exc:
+        parser.error(f"--app: {exc}")
+    limits = Limits(
+        max_content=args.max_content, frame_timeout=args.frame_timeout, idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections, drain_timeout=args.drain_timeout,
+    )
+    server = Server(app, args.host, args.port, limits=limits)
+    try:
+        server.start()
+    except OSError as exc:
+        server.close()
+        print(f"multiconn serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    server.serve_forever()
+    logging.getLogger("multiconn.server").info("stopped")
+    return 0
+
+
+def request_frame(action: str, value: str) -> Frame:
+    """The guide's app-client request for ACTION VALUE."""
+    if action == "search":
+        return Frame.json({"action": action, "value": value})
+    return Frame.binary((action + value).encode("utf-8"), content_type="binary/custom-client-binary-type")
+
+
+def format_answer(frame: Frame) -> str:
+    """What `request` prints: the search result, or the content as text."""
+    if frame.is_json:
+        value = frame.json_content()
+        if isinstance(value, dict) and "result" in value:
+            return str(value["result"])
+        return json.dumps(value, ensure_ascii=False)
+    return frame.content.decode("utf-8", errors="backslashreplace")
+
+
+def run_request(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        with connect(args.host, args.port, timeout=args.timeout) as client:
+            answer = client.request(request_frame(args.action, args.value))
+        print(format_answer(answer))
+    except ErrorResponse as exc:
+        print(f"multiconn request: the server answered {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+    except MulticonnError as exc:
+        print(f"multiconn request: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args, parser)
+    except KeyboardInterrupt:
+        return 130

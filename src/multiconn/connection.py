@@ -1,0 +1,409 @@
+"""One accepted connection on the server: partial I/O, backpressure, timeouts.
+
+Theory of operation
+-------------------
+Readiness is a hint, never a promise: every ``recv``/``send`` tolerates
+``BlockingIOError`` and ``InterruptedError``, and any other ``OSError`` (reset,
+broken pipe) ends the connection through the one `close` path, which unregisters
+before it closes and runs only once.
+
+Output is written at once; only what the kernel refuses is queued (as
+memoryviews, so a partial send never copies the rest) and only then does the
+connection ask for EVENT_WRITE. The selector interest is recomputed in one
+place, `_update_interest`, and ``modify`` is called only when it changes.
+
+Backpressure: once pending output passes the high-water mark the connection
+stops asking for EVENT_READ, so a peer that does not read its answers cannot
+make the server buffer without bound; reading resumes below the low-water mark.
+The frame timeout is paused meanwhile (it is the server that holds the peer up).
+
+Lifecycle::
+
+    OPEN --EOF / drain--> FINISHING (answer what is complete, flush, close)
+    OPEN --fatal protocol error--> FAILED (flush the error frame, shut down
+         writing, discard input until EOF or `error_linger`, close)
+    any --reset / timeout / abort--> CLOSED
+
+Timeouts are not timers per connection: the server sweeps its connections a few
+times per timeout period and calls `check_timeouts`, so the hot path only stamps
+``loop.now`` into an attribute.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from .errors import ProtocolError
+from .loop import EVENT_READ, EVENT_WRITE
+from .protocol import ErrorCode, Frame, FrameDecoder, encode_header
+
+if TYPE_CHECKING:
+    from .server import Server
+
+log = logging.getLogger("multiconn.connection")
+
+#: Bytes asked of one ``recv``.
+RECV_SIZE = 256 * 1024
+#: Responses of one read up to this size are joined into one buffer for one send.
+JOIN_LIMIT = 64 * 1024
+#: Buffers handed to one ``sendmsg`` (IOV_MAX is 1024 on Linux).
+MAX_IOVECS = 512
+
+OPEN, FINISHING, FAILED, CLOSED = "open", "finishing", "failed", "closed"
+
+
+class Connection:
+    """Base of server-side connections; subclasses say what to do with data."""
+
+    __slots__ = (
+        "sock", "peer", "server", "loop", "limits", "state", "_out", "_out_size",
+        "_interest", "_paused", "_paused_at", "_draining", "last_activity",
+        "last_progress", "__weakref__",
+    )
+
+    def __init__(self, sock: socket.socket, peer: Any, server: "Server") -> None:
+        self.sock = sock
+        self.peer = peer
+        self.server = server
+        self.loop = server.loop
+        self.limits = server.limits
+        self.state = OPEN
+        self._out: deque[Any] = deque()
+        self._out_size = 0
+        self._paused = False
+        self._paused_at = 0.0
+        self._draining = False
+        self.last_activity = self.last_progress = self.loop.now
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._interest = EVENT_READ
+        self.loop.register(sock, EVENT_READ, self._on_events)
+
+    # -- events -----------------------------------------------------------
+
+    def _on_events(self, mask: int) -> None:
+        if mask & EVENT_WRITE:
+            self._flush()
+        if mask & EVENT_READ and self.state is not CLOSED:
+            if self._draining:
+                self._drain_input()
+            else:
+                self._read_once()
+
+    def _read_once(self) -> bool:
+        """One ``recv``; False when the kernel had nothing or the connection ended."""
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self.close(f"recv failed: {exc}")
+            return False
+        self.last_activity = self.loop.now
+        if not data:
+            self._on_eof()
+            return False
+        if self.state is FAILED:
+            return True  # discarding until EOF so the error frame is not lost to a reset
+        try:
+            self.data_received(data)
+        except Exception:  # a bug here must cost this connection, not the server
+            log.exception("%s: unexpected error while handling input", self)
+            self.close("internal error")
+            return False
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def partial_input(self) -> bool:
+        """True while an unfinished request is buffered (for the frame timeout)."""
+        return False
+
+    def _on_eof(self) -> None:
+        if self.state is FAILED:
+            self.close("peer closed after error")
+        else:
+            self._finish("peer closed its sending side")
+
+    def _finish(self, reason: str) -> None:
+        """No more input will be handled: flush what is pending, then close."""
+        if self.state is not OPEN:
+            return
+        self.state = FINISHING
+        log.debug("%s: finishing (%s)", self, reason)
+        if not self._out:
+            self.close(reason)
+        else:
+            self._update_interest()
+
+    # -- output -----------------------------------------------------------
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Send `data` now as far as the kernel takes it; queue the rest."""
+        if self.state is CLOSED or not data:
+            return
+        self._out.append(data)
+        self._out_size += len(data)
+        if len(self._out) == 1:
+            self.last_progress = self.loop.now
+            self._flush()
+        elif self._out_size > self.limits.high_water and not self._paused:
+            self._pause_reading()
+
+    def write_many(self, parts: list[bytes]) -> None:
+        """Queue several buffers (large contents: no join copy) and send."""
+        if self.state is CLOSED:
+            return
+        was_empty = not self._out
+        for part in parts:
+            if part:
+                self._out.append(part)
+                self._out_size += len(part)
+        if was_empty:
+            self.last_progress = self.loop.now
+            self._flush()
+        elif self._out_size > self.limits.high_water and not self._paused:
+            self._pause_reading()
+
+    def _flush(self) -> None:
+        out = self._out
+        sock = self.sock
+        while out:
+            try:
+                if len(out) == 1:
+                    attempted = len(out[0])
+                    sent = sock.send(out[0])
+                else:
+                    batch = list(_first(out, MAX_IOVECS))
+                    attempted = sum(map(len, batch))
+                    sent = sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self.close(f"send failed: {exc}")
+                return
+            self.last_progress = self.loop.now
+            self._out_size -= sent
+            _consume(out, sent)
+            if sent < attempted:
+                break  # the kernel's buffer is full: wait for EVENT_WRITE
+        limits = self.limits
+        if self._paused:
+            if self._out_size <= limits.low_water:
+                self._resume_reading()
+        elif self._out_size > limits.high_water:
+            self._pause_reading()
+        if out:
+            self._update_interest()
+        else:
+            self._on_output_flushed()
+
+    def _on_output_flushed(self) -> None:
+        if self.state is FINISHING:
+            self.close("done")
+        elif self.state is FAILED:
+            self._shutdown_write()
+        self._update_interest()
+
+    @property
+    def pending_output(self) -> int:
+        return self._out_size
+
+    # -- interest and backpressure ----------------------------------------
+
+    def _update_interest(self) -> None:
+        """Ask the selector for exactly what this connection can use now."""
+        if self.state is CLOSED:
+            return
+        reading = not self._paused and self.state is not FINISHING
+        interest = (EVENT_READ if reading else 0) | (EVENT_WRITE if self._out else 0)
+        current = self._interest
+        if interest == current:
+            return
+        if not interest:
+            self.loop.unregister(self.sock)
+        elif not current:
+            self.loop.register(self.sock, interest, self._on_events)
+        else:
+            self.loop.modify(self.sock, interest, self._on_events)
+        self._interest = interest
+
+    def _pause_reading(self) -> None:
+        self._paused = True
+        self._paused_at = self.loop.now
+        self._update_interest()
+
+    def _resume_reading(self) -> None:
+        self._paused = False
+        self.on_resumed(self.loop.now - self._paused_at)
+        self._update_interest()
+        if self._draining and self.state is OPEN:
+            self.loop.call_soon(self._drain_input)
+
+    def on_resumed(self, paused_for: float) -> None:
+        """Hook: reading resumed after `paused_for` seconds of backpressure."""
+
+    # -- shutdown and timeouts --------------------------------------------
+
+    def drain(self) -> None:
+        """Server shutdown: handle what the peer already sent, flush, close."""
+        if self.state is not OPEN:
+            return
+        self._draining = True
+        if not self._paused:
+            self._drain_input()
+
+    def _drain_input(self) -> None:
+        while self.state is OPEN and not self._paused:
+            if not self._read_once():
+                break
+        if self.state is OPEN and not self._paused:
+            self._finish("server shutting down")
+
+    def check_timeouts(self, now: float) -> None:
+        """Called by the server's sweep; enforces the frame and idle timeouts."""
+        limits = self.limits
+        if self.state is FAILED:
+            return  # the error linger timer ends it
+        if not self._paused and self.partial_input() and self.frame_timed_out(now):
+            return
+        if self._out:
+            if now - self.last_progress >= limits.idle_timeout:
+                self.close("pending output did not move for the idle timeout")
+        elif not self.partial_input() and now - self.last_activity >= limits.idle_timeout:
+            self.close("idle timeout")
+
+    def frame_timed_out(self, now: float) -> bool:
+        """Hook for framed connections: act on an expired frame timeout."""
+        return False
+
+    def fail(self, frame: Frame) -> None:
+        """Send a fatal error frame, then close without losing it to a reset."""
+        if self.state is not OPEN:
+            return
+        self.state = FAILED
+        self.loop.call_later(self.limits.error_linger, self.close, "error linger over")
+        # Flushing it shuts down our sending side (see _on_output_flushed).
+        self.write(encode_header(frame.header, len(frame.content)) + frame.content)
+
+    def _shutdown_write(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self, reason: str = "closed") -> None:
+        """Unregister and close the socket; runs once."""
+        if self.state is CLOSED:
+            return
+        self.state = CLOSED
+        log.debug("%s: closed (%s)", self, reason)
+        if self._interest:
+            self.loop.unregister(self.sock)
+        self._interest = 0
+        self.sock.close()
+        self._out.clear()
+        self._out_size = 0
+        self.server._connection_closed(self)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {_format_peer(self.peer)} {self.state}>"
+
+
+def _consume(out: deque, sent: int) -> None:
+    """Drop `sent` bytes from the front of the output queue, without copying."""
+    while sent:
+        head = out[0]
+        size = len(head)
+        if sent < size:
+            out[0] = memoryview(head)[sent:]
+            return
+        out.popleft()
+        sent -= size
+
+
+def _first(items: deque, count: int) -> Any:
+    if len(items) <= count:
+        return items
+    return (items[i] for i in range(count))
+
+
+def _format_peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else peer[0]
+        return f"{host}:{peer[1]}"
+    return str(peer)
+
+
+class FramedConnection(Connection):
+    """Speaks the framed protocol: decode, answer every frame in order, report errors."""
+
+    __slots__ = ("decoder", "frame_started")
+
+    def __init__(self, sock: socket.socket, peer: Any, server: "Server") -> None:
+        self.decoder = FrameDecoder(server.limits.max_content)
+        self.frame_started: float | None = None
+        super().__init__(sock, peer, server)
+
+    def data_received(self, data: bytes) -> None:
+        decoder = self.decoder
+        try:
+            frames = decoder.feed(data)
+        except ProtocolError as exc:
+            if exc.frames:  # type: ignore[attr-defined]
+                self._answer(exc.frames)  # type: ignore[attr-defined]
+            log.debug("%s: protocol error %s", self, exc)
+            self.fail(Frame.error(exc.code, exc.message, id=exc.request_id))
+            return
+        if frames:
+            self._answer(frames)
+        if decoder.has_partial:
+            if frames or self.frame_started is None:
+                self.frame_started = self.loop.now
+        else:
+            self.frame_started = None
+
+    def _answer(self, frames: list[Frame]) -> None:
+        respond = self.server.respond
+        parts = []
+        size = 0
+        for frame in frames:
+            response = respond(frame)
+            content = response.content
+            parts.append(encode_header(response.header, len(content)))
+            parts.append(content)
+            size += len(content)
+        if size <= JOIN_LIMIT:
+            self.write(b"".join(parts))
+        else:
+            self.write_many(parts)
+
+    def partial_input(self) -> bool:
+        return self.decoder.has_partial
+
+    def on_resumed(self, paused_for: float) -> None:
+        if self.frame_started is not None:
+            self.frame_started += paused_for
+
+    def frame_timed_out(self, now: float) -> bool:
+        started = self.frame_started
+        if started is None or now - started < self.limits.frame_timeout:
+            return False
+        message = f"frame not complete within {self.limits.frame_timeout:g} s"
+        log.debug("%s: %s", self, message)
+        self.fail(Frame.error(ErrorCode.TIMEOUT, message, id=self.decoder.partial_id))
+        return True
+
+
+class RawEchoConnection(Connection):
+    """Echoes bytes as they arrive (no framing)."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self.write(data)

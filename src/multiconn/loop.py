@@ -1,0 +1,228 @@
+"""A small selectors event loop: descriptors, timers, thread-safe calls, signals.
+
+Theory of operation
+-------------------
+1. One ``selectors.DefaultSelector`` (epoll on Linux, kqueue on BSD/macOS).
+   Each registered file object carries one callback as its selector data; the
+   callback receives the ready mask. One object, one callback, one dict lookup
+   per event: the per-event cost is a Python call and nothing more.
+2. Interest is the caller's business: a connection asks for EVENT_WRITE only
+   while it has output pending, and calls `modify` only when that changes.
+3. Time is read once per iteration into `now` (from an injectable clock), so
+   callbacks that stamp activity do not each pay for a clock call.
+4. Timers live in a heap; cancelling only marks a handle, and marked handles are
+   dropped when they reach the top (no O(n) removal).
+5. Other threads and signal handlers never touch loop state directly: they
+   append a callback to a deque (atomic in CPython) and write a byte into a
+   socketpair the selector watches. ``signal.set_wakeup_fd`` points at the same
+   socket, so a signal that lands just before ``select()`` blocks still wakes
+   it: there is no window in which a signal can be missed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+log = logging.getLogger("multiconn.loop")
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+#: Longest a select() blocks when no timer is due, so a stop is never missed.
+MAX_SELECT_TIMEOUT = 3600.0
+
+EventCallback = Callable[[int], None]
+
+
+class TimerHandle:
+    """A scheduled call; `cancel` it to keep it from running."""
+
+    __slots__ = ("when", "callback", "args", "cancelled", "_seq")
+    _counter = itertools.count()
+
+    def __init__(self, when: float, callback: Callable[..., Any], args: tuple) -> None:
+        self.when = when
+        self.callback = callback
+        self.args = args
+        self.cancelled = False
+        self._seq = next(self._counter)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __lt__(self, other: "TimerHandle") -> bool:
+        return (self.when, self._seq) < (other.when, other._seq)
+
+
+class EventLoop:
+    """Runs callbacks when descriptors are ready, timers are due or threads ask."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.now = clock()
+        self._selector = selectors.DefaultSelector()
+        self._timers: list[TimerHandle] = []
+        self._ready: deque[tuple[Callable[..., Any], tuple]] = deque()
+        self._wake_recv, self._wake_send = socket.socketpair()
+        self._wake_recv.setblocking(False)
+        self._wake_send.setblocking(False)
+        self._selector.register(self._wake_recv, EVENT_READ, self._on_wake)
+        self._running = False
+        self._stopping = False
+        self._closed = False
+        self._thread_id: int | None = None
+        self._old_signal_handlers: dict[int, Any] = {}
+        self._old_wakeup_fd: int | None = None
+
+    # -- descriptors ------------------------------------------------------
+
+    def register(self, fileobj: Any, events: int, callback: EventCallback) -> None:
+        """Call ``callback(mask)`` whenever `fileobj` is ready for `events`."""
+        self._selector.register(fileobj, events, callback)
+
+    def modify(self, fileobj: Any, events: int, callback: EventCallback) -> None:
+        self._selector.modify(fileobj, events, callback)
+
+    def unregister(self, fileobj: Any) -> None:
+        """Stop watching `fileobj`; a no-op if it is not registered."""
+        try:
+            self._selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    def is_registered(self, fileobj: Any) -> bool:
+        try:
+            self._selector.get_key(fileobj)
+        except (KeyError, ValueError):
+            return False
+        return True
+
+    # -- calls and timers -------------------------------------------------
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run `callback` on the next iteration (from the loop's own thread)."""
+        self._ready.append((callback, args))
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run `callback` in the loop's thread; safe from any thread or signal handler."""
+        self._ready.append((callback, args))
+        self._wake()
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> TimerHandle:
+        """Run `callback` after `delay` seconds; returns a cancellable handle."""
+        handle = TimerHandle(self.clock() + max(0.0, delay), callback, args)
+        heapq.heappush(self._timers, handle)
+        return handle
+
+    def _wake(self) -> None:
+        try:
+            self._wake_send.send(b"\0")
+        except (BlockingIOError, InterruptedError):
+            pass  # the pipe is full, so the loop is going to wake anyway
+        except OSError:
+            pass  # closed: the loop is gone and there is nobody to wake
+
+    def _on_wake(self, mask: int) -> None:
+        try:
+            while self._wake_recv.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # -- signals ----------------------------------------------------------
+
+    def add_signal_handler(self, signum: int, callback: Callable[..., Any], *args: Any) -> None:
+        """Run ``callback(*args)`` in the loop when `signum` arrives (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("signal handlers can only be installed from the main thread")
+        if self._old_wakeup_fd is None:
+            self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_send.fileno(), warn_on_full_buffer=False)
+
+        def handler(_signum: int, _frame: Any) -> None:
+            self._ready.append((callback, args))
+
+        self._old_signal_handlers.setdefault(signum, signal.getsignal(signum))
+        signal.signal(signum, handler)
+
+    def remove_signal_handlers(self) -> None:
+        """Restore the handlers and wake-up fd that were there before."""
+        for signum, old in self._old_signal_handlers.items():
+            signal.signal(signum, old)
+        self._old_signal_handlers.clear()
+        if self._old_wakeup_fd is not None:
+            signal.set_wakeup_fd(self._old_wakeup_fd)
+            self._old_wakeup_fd = None
+
+    # -- running ----------------------------------------------------------
+
+    def run_forever(self) -> None:
+        """Run until `stop` is called."""
+        if self._running:
+            raise RuntimeError("the loop is already running")
+        self._running = True
+        self._stopping = False
+        self._thread_id = threading.get_ident()
+        try:
+            while not self._stopping:
+                self._run_once()
+        finally:
+            self._running = False
+            self._stopping = False
+
+    def stop(self) -> None:
+        """Make `run_forever` return after the current iteration (thread-safe)."""
+        self._stopping = True
+        self._wake()
+
+    def _run_once(self) -> None:
+        timers = self._timers
+        if self._ready:
+            timeout: float | None = 0.0
+        elif timers:
+            timeout = min(max(0.0, timers[0].when - self.clock()), MAX_SELECT_TIMEOUT)
+        else:
+            timeout = MAX_SELECT_TIMEOUT
+        events = self._selector.select(timeout)
+        self.now = now = self.clock()
+        for key, mask in events:
+            try:
+                key.data(mask)
+            except Exception:  # one bad callback must not take the loop down
+                log.exception("event callback %r failed", key.data)
+        while timers and timers[0].when <= now:
+            handle = heapq.heappop(timers)
+            if not handle.cancelled:
+                self._ready.append((handle.callback, handle.args))
+        ready = self._ready
+        for _ in range(len(ready)):
+            callback, args = ready.popleft()
+            try:
+                callback(*args)
+            except Exception:
+                log.exception("callback %r failed", callback)
+
+    def close(self) -> None:
+        """Release the selector and the wake-up sockets (idempotent)."""
+        if self._closed:
+            return
+        if self._running:
+            raise RuntimeError("cannot close a running loop")
+        self._closed = True
+        self.remove_signal_handlers()
+        self._selector.close()
+        self._wake_recv.close()
+        self._wake_send.close()
+
+    def __enter__(self) -> "EventLoop":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

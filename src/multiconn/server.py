@@ -1,0 +1,329 @@
+"""The server: listening sockets, accepting, the connection table, shutdown.
+
+Accept policy is spelled out as constants so that behaviour under overload can
+be read in one place:
+
+* up to `ACCEPT_BATCH` connections are accepted per wake-up, so a burst of
+  connects costs few select() calls, but a flood cannot starve the connections
+  already open;
+* when the process or system runs out of descriptors or memory
+  (`ACCEPT_CAPACITY_ERRNOS`) the server stops watching its listening sockets for
+  `ACCEPT_RETRY_DELAY` seconds (or until a connection closes) instead of
+  spinning on a listener that stays readable;
+* at `Limits.max_connections` it stops accepting; waiting clients sit in the
+  listen backlog until a slot frees.
+
+Shutdown (`shutdown`, or the first SIGTERM/SIGINT) closes the listeners, lets
+every connection answer what it already received, and stops the loop when the
+last one has closed or the drain timeout has passed. A second signal aborts.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import signal
+import socket
+from typing import Any, Callable, Union
+
+from .apps import App, RawEcho, load_app
+from .connection import Connection, FramedConnection, RawEchoConnection
+from .errors import ProtocolError
+from .limits import Limits
+from .loop import EVENT_READ, EventLoop
+from .protocol import ErrorCode, Frame
+
+log = logging.getLogger("multiconn.server")
+
+ACCEPT_BATCH = 64
+ACCEPT_RETRY_DELAY = 0.1
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors that concern only the one connection being accepted.
+ACCEPT_TRANSIENT_ERRNOS = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH}
+)
+DEFAULT_BACKLOG = 1024
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def format_address(address: tuple) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Server:
+    """Serves an application on one or more listening sockets.
+
+    `app` is a frame handler (``Frame -> Frame``), `raw_echo`, or the name of a
+    built-in app / ``package.module:attr``.
+    """
+
+    def __init__(
+        self,
+        app: Union[App, RawEcho, str] = "search",
+        host: str | None = "127.0.0.1",
+        port: int = 65432,
+        *,
+        limits: Limits = Limits(),
+        loop: EventLoop | None = None,
+        backlog: int = DEFAULT_BACKLOG,
+    ) -> None:
+        self.app = load_app(app) if isinstance(app, str) else app
+        self.host = host
+        self.port = port
+        self.limits = limits
+        self.backlog = backlog
+        self._own_loop = loop is None
+        self.loop = loop if loop is not None else EventLoop()
+        self._connection_class: type[Connection] = (
+            RawEchoConnection if isinstance(self.app, RawEcho) else FramedConnection
+        )
+        self._listeners: list[socket.socket] = []
+        self._accepting = False
+        self._accept_backoff = False
+        self.connections: set[Connection] = set()
+        self._shutting_down = False
+        self._sweep_handle: Any = None
+        self._drain_handle: Any = None
+        self._closed = False
+
+    # -- setup ------------------------------------------------------------
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The ``(host, port)`` of every listening socket (port 0 resolved)."""
+        return [sock.getsockname()[:2] for sock in self._listeners]
+
+    def start(self) -> None:
+        """Bind, listen and start accepting (the loop must then be run)."""
+        if self._listeners:
+            return
+        raise_nofile_limit()
+        self._listeners = _bind_listeners(self.host, self.port, self.backlog)
+        self._set_accepting(True)
+        self._sweep_handle = self.loop.call_later(self.limits.sweep_interval, self._sweep)
+        for address in self.addresses:
+            log.info("listening on %s (app %s)", format_address(address), _app_name(self.app))
+
+    def serve_forever(self, *, handle_signals: bool = True) -> None:
+        """Start if needed and run until shut down; then release everything."""
+        self.start()
+        if handle_signals:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.loop.add_signal_handler(signum, self._on_signal, signum)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.close()
+
+    # -- accepting --------------------------------------------------------
+
+    def _set_accepting(self, wanted: bool) -> None:
+        wanted = wanted and not self._shutting_down and not self._accept_backoff
+        wanted = wanted and len(self.connections) < self.limits.max_connections
+        if wanted == self._accepting:
+            return
+        self._accepting = wanted
+        for sock in self._listeners:
+            if wanted:
+                self.loop.register(sock, EVENT_READ, _bind_accept(self._accept, sock))
+            else:
+                self.loop.unregister(sock)
+
+    def _accept(self, listener: socket.socket) -> None:
+        make_connection = self._connection_class
+        connections = self.connections
+        limit = self.limits.max_connections
+        for _ in range(ACCEPT_BATCH):
+            if len(connections) >= limit:
+                log.debug("at max-connections (%d): not accepting", limit)
+                self._set_accepting(False)
+                return
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    self._back_off_accepting(exc)
+                    return
+                if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
+                    continue
+                log.error("accept failed: %s", exc)
+                return
+            try:
+                connection = make_connection(sock, peer, self)
+            except OSError as exc:  # e.g. the peer reset before we set it up
+                log.debug("could not set up connection from %s: %s", peer, exc)
+                sock.close()
+                continue
+            connections.add(connection)
+            log.debug("accepted %s (%d open)", connection, len(connections))
+
+    def _back_off_accepting(self, exc: OSError) -> None:
+        log.warning(
+            "accept failed (%s), %d connections open: pausing accepts for %g s",
+            exc.strerror, len(self.connections), ACCEPT_RETRY_DELAY,
+        )
+        self._set_accepting(False)
+        self._accept_backoff = True
+        self.loop.call_later(ACCEPT_RETRY_DELAY, self._end_backoff)
+
+    def _end_backoff(self) -> None:
+        self._accept_backoff = False
+        self._set_accepting(True)
+
+    def _connection_closed(self, connection: Connection) -> None:
+        self.connections.discard(connection)
+        if self._shutting_down:
+            if not self.connections:
+                self._finish_shutdown()
+        elif not self._accepting:
+            self._accept_backoff = False  # a descriptor was freed: worth a try
+            self._set_accepting(True)
+
+    # -- answering --------------------------------------------------------
+
+    def respond(self, request: Frame) -> Frame:
+        """The response to one request: the app's, or the error frame in its place."""
+        request_id = request.header.get("id")
+        try:
+            if request.header["content-type"] == "text/json":
+                request.json_content()  # bad-content is checked for every app
+            response = self.app(request)  # type: ignore[operator]
+            if not isinstance(response, Frame):
+                raise TypeError(f"handler returned {type(response).__name__}, not a Frame")
+        except ProtocolError as exc:
+            code = exc.code if exc.code not in ErrorCode.FATAL else ErrorCode.HANDLER_ERROR
+            return Frame.error(code, exc.message, id=request_id)
+        except Exception as exc:
+            log.warning("handler %s raised %s: %s", _app_name(self.app), type(exc).__name__, exc,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
+            return Frame.error(ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}", id=request_id)
+        if request_id is not None and response.header.get("id") != request_id:
+            response = Frame({**response.header, "id": request_id}, response.content)
+        return response
+
+    # -- timeouts ---------------------------------------------------------
+
+    def _sweep(self) -> None:
+        now = self.loop.clock()
+        for connection in list(self.connections):
+            connection.check_timeouts(now)
+        if not self._closed:
+            self._sweep_handle = self.loop.call_later(self.limits.sweep_interval, self._sweep)
+
+    # -- shutdown ---------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Graceful stop; safe to call from any thread."""
+        self.loop.call_soon_threadsafe(self._begin_shutdown)
+
+    def _on_signal(self, signum: int) -> None:
+        if self._shutting_down:
+            log.warning("second %s: aborting", signal.Signals(signum).name)
+            self._abort_all()
+            return
+        log.info("%s: stopping (up to %g s to drain)", signal.Signals(signum).name,
+                 self.limits.drain_timeout)
+        self._begin_shutdown()
+
+    def _begin_shutdown(self) -> None:
+        if self._shutting_down:
+            return
+        self._set_accepting(False)
+        self._shutting_down = True
+        for sock in self._listeners:
+            sock.close()
+        self._drain_handle = self.loop.call_later(self.limits.drain_timeout, self._drain_timed_out)
+        for connection in list(self.connections):
+            connection.drain()
+        if not self.connections:
+            self._finish_shutdown()
+
+    def _drain_timed_out(self) -> None:
+        if self.connections:
+            log.warning("drain timeout: aborting %d connections", len(self.connections))
+        self._abort_all()
+
+    def _abort_all(self) -> None:
+        self._shutting_down = True
+        for connection in list(self.connections):
+            connection.close("aborted")
+        self._finish_shutdown()
+
+    def _finish_shutdown(self) -> None:
+        if self._drain_handle is not None:
+            self._drain_handle.cancel()
+        self.loop.stop()
+
+    def close(self) -> None:
+        """Close listeners, connections and (if it is ours) the loop."""
+        if self._closed:
+            return
+        self._closed = True
+        self._set_accepting(False)
+        for sock in self._listeners:
+            sock.close()
+        for connection in list(self.connections):
+            connection.close("server closed")
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+        if self._own_loop:
+            self.loop.close()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _bind_accept(accept: Callable[[socket.socket], None], sock: socket.socket) -> Callable[[int], None]:
+    def on_readable(mask: int) -> None:
+        accept(sock)
+    return on_readable
+
+
+def _app_name(app: Any) -> str:
+    return getattr(app, "__qualname__", None) or repr(app)
+
+
+def _bind_listeners(host: str | None, port: int, backlog: int) -> list[socket.socket]:
+    """Listening sockets for every address `host` resolves to, on one port."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    seen = set()
+    listeners: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, address in infos:
+            if (family, address[:2]) in seen:
+                continue
+            seen.add((family, address[:2]))
+            if listeners and port == 0:  # every socket on the port the first one got
+                address = (address[0], listeners[0].getsockname()[1], *address[2:])
+            sock = socket.socket(family, type_, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
