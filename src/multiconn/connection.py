@@ -145,14 +145,30 @@ class Connection:
 
     def write(self, data: bytes | memoryview) -> None:
         """Send `data` now as far as the kernel takes it; queue the rest."""
-        if self.state is CLOSED or not data:
-            return
+        if self.state is OPEN and not self._out:
+            # The common case: the kernel takes it all and nothing is queued.
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self.close(f"send failed: {exc}")
+                return
+            if sent == len(data):
+                return
+            self._queue(memoryview(data)[sent:])
+            self._update_interest()
+        elif self.state is not CLOSED and data:
+            self._queue(data)
+            if len(self._out) == 1:
+                self._flush()
+
+    def _queue(self, data: bytes | memoryview) -> None:
+        if not self._out:
+            self.last_progress = self.loop.now
         self._out.append(data)
         self._out_size += len(data)
-        if len(self._out) == 1:
-            self.last_progress = self.loop.now
-            self._flush()
-        elif self._out_size > self.limits.high_water and not self._paused:
+        if self._out_size > self.limits.high_water and not self._paused:
             self._pause_reading()
 
     def write_many(self, parts: list[bytes]) -> None:
@@ -162,13 +178,9 @@ class Connection:
         was_empty = not self._out
         for part in parts:
             if part:
-                self._out.append(part)
-                self._out_size += len(part)
-        if was_empty:
-            self.last_progress = self.loop.now
+                self._queue(part)
+        if was_empty and self._out:
             self._flush()
-        elif self._out_size > self.limits.high_water and not self._paused:
-            self._pause_reading()
 
     def _flush(self) -> None:
         out = self._out
