@@ -362,19 +362,42 @@ class FramedConnection(Connection):
         self.frame_started: float | None = None
         super().__init__(sock, peer, server)
 
-    def data_received(self, data: bytes) -> None:
-        decoder = self.decoder
+    def _read_once(self) -> bool:
+        view = self.decoder.recv_buffer() if self.state is OPEN else None
+        if view is None:
+            return super()._read_once()
+        # A large content: receive it in place, never past the frame's end.
         try:
-            frames = decoder.feed(data)
+            received = self.sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as exc:
+            self.close(f"recv failed: {exc}")
+            return False
+        finally:
+            view.release()
+        self.last_activity = self.loop.now
+        if not received:
+            self._on_eof()
+            return False
+        self._handle(self.decoder.buffer_updated(received))
+        return True
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.decoder.feed(data)
         except ProtocolError as exc:
             if exc.frames:  # type: ignore[attr-defined]
                 self._answer(exc.frames)  # type: ignore[attr-defined]
             log.debug("%s: protocol error %s", self, exc)
             self.fail(Frame.error(exc.code, exc.message, id=exc.request_id))
             return
+        self._handle(frames)
+
+    def _handle(self, frames: list[Frame]) -> None:
         if frames:
             self._answer(frames)
-        if decoder.has_partial:
+        if self.decoder.has_partial:
             if frames or self.frame_started is None:
                 self.frame_started = self.loop.now
         else:

@@ -59,6 +59,8 @@ TEXT_ENCODINGS = frozenset(
 _HLEN = struct.Struct(">H")
 _UTF8_BOM = b"\xef\xbb\xbf"
 _HEADER_CACHE_SIZE = 1024
+#: Contents at least this large are received straight into their own buffer.
+LARGE_CONTENT = 64 * 1024
 
 
 class ErrorCode:
@@ -198,11 +200,15 @@ class Frame:
         return f"Frame({self.header!r}, {content!r})"
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _parse_json_content(content: bytes, encoding: str, request_id: Any) -> Any:
     try:
         text = bytes(content).decode(normalize_encoding(encoding))
-        return json.loads(text)
-    except (UnicodeDecodeError, LookupError, ValueError) as exc:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, LookupError, ValueError, RecursionError) as exc:
         raise ProtocolError(
             ErrorCode.BAD_CONTENT, f"text/json content does not parse: {exc}", request_id
         ) from None
@@ -245,7 +251,7 @@ def parse_header(raw: bytes) -> tuple[dict[str, Any], int, Any]:
     except UnicodeDecodeError:
         raise _fail(ErrorCode.BAD_HEADER, "header is not valid UTF-8") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_object_pairs)
+        obj = json.loads(text, object_pairs_hook=_object_pairs, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         raise _fail(ErrorCode.BAD_HEADER, "header is not valid JSON") from None
     if not isinstance(obj, dict):
@@ -280,14 +286,27 @@ def parse_header(raw: bytes) -> tuple[dict[str, Any], int, Any]:
     return header, length, request_id
 
 
+def _all_scalar(header: dict[str, Any]) -> bool:
+    return all(type(value) in _SCALARS for value in header.values())
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 class FrameDecoder:
     """Incremental decoder: `feed` bytes in, complete frames out.
 
     `max_content` is enforced as soon as a header is complete, before any of the
     content is buffered.
+
+    Large contents can also be received without intermediate copies, in the
+    manner of ``asyncio.BufferedProtocol``: `recv_buffer` hands out a writable
+    view of a buffer sized once from ``content-length``, the caller
+    ``recv_into``s it and reports the byte count to `buffer_updated`. Such
+    frames carry that buffer (a ``bytearray``) as their content.
     """
 
-    __slots__ = ("max_content", "_buffer", "_pending", "_error")
+    __slots__ = ("max_content", "_buffer", "_pending", "_error", "_content", "_filled")
 
     # Shared by every decoder: the headers of one stream, and of many
     # connections of one client program, are the same bytes again and again.
@@ -299,11 +318,40 @@ class FrameDecoder:
         # The parsed header of a frame whose content has not all arrived yet.
         self._pending: tuple[dict[str, Any], int, Any] | None = None
         self._error: ProtocolError | None = None
+        # The content of a large frame being received in place, and its fill.
+        self._content: bytearray | None = None
+        self._filled = 0
 
     @property
     def has_partial(self) -> bool:
         """True while a frame has started but not finished."""
         return bool(self._buffer) or self._pending is not None
+
+    def recv_buffer(self) -> memoryview | None:
+        """Where to ``recv_into`` the rest of a large content, or None to use `feed`.
+
+        The view covers exactly the missing bytes, so a receive into it never
+        reads past the frame's end.
+        """
+        pending = self._pending
+        if pending is None or pending[1] < LARGE_CONTENT:
+            return None
+        if self._content is None:
+            content = self._content = bytearray(pending[1])
+            filled = self._filled = len(self._buffer)
+            content[:filled] = self._buffer
+            self._buffer = bytearray()
+        return memoryview(self._content)[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> list[Frame]:
+        """Account for `nbytes` received into the last `recv_buffer` view."""
+        self._filled += nbytes
+        pending, content = self._pending, self._content
+        if pending is None or content is None or self._filled < len(content):
+            return []
+        self._pending = self._content = None
+        self._filled = 0
+        return [Frame(pending[0].copy(), content)]
 
     @property
     def partial_id(self) -> Any:
@@ -313,7 +361,7 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes held for an unfinished frame."""
-        return len(self._buffer)
+        return len(self._buffer) + self._filled
 
     def feed(self, data: bytes) -> list[Frame]:
         """Add received bytes; return every frame they complete, in order.
@@ -321,26 +369,42 @@ class FrameDecoder:
         On malformed input raises `ProtocolError`; its ``frames`` attribute holds
         the frames that were complete before the bad bytes.
         """
-        if self._error is not None:
-            raise self._error
+        if self._error is not None:  # a fresh copy: its frames were answered already
+            error = self._error
+            raise ProtocolError(error.code, error.message, error.request_id)
+        if self._content is not None:  # finish an in-place content first
+            view = self.recv_buffer()
+            assert view is not None
+            taken = min(len(view), len(data))
+            view[:taken] = memoryview(data)[:taken]
+            view.release()
+            done = self.buffer_updated(taken)
+            if not done or taken == len(data):
+                return done
+            try:
+                return done + self.feed(memoryview(data)[taken:])
+            except ProtocolError as exc:
+                exc.frames = done + exc.frames  # type: ignore[attr-defined]
+                raise
         buffer = self._buffer
-        if buffer:
+        buffered = bool(buffer)
+        if buffered:
             buffer += data
-            source: bytes | bytearray | memoryview = memoryview(buffer)
+            source: Any = memoryview(buffer)
         else:
             source = data
         frames: list[Frame] = []
         try:
             consumed = self._parse(source, frames)
         except ProtocolError as exc:
-            if isinstance(source, memoryview):
+            if buffered:
                 source.release()
             exc.frames = frames  # type: ignore[attr-defined]
             self._error = exc
             self._buffer = bytearray()
             self._pending = None
             raise
-        if isinstance(source, memoryview):
+        if buffered:
             source.release()
             del buffer[:consumed]
         elif consumed < len(data):
@@ -367,7 +431,8 @@ class FrameDecoder:
                 pending = cache.get(raw)
                 if pending is None:
                     pending = parse_header(raw)
-                    if pending[2] is None:  # headers with ids rarely repeat
+                    # Headers with ids rarely repeat; nested values are mutable.
+                    if pending[2] is None and _all_scalar(pending[0]):
                         if len(cache) >= _HEADER_CACHE_SIZE:
                             cache.clear()
                         cache[raw] = pending
@@ -415,7 +480,8 @@ def encode_header(header: dict[str, Any], content_length: int) -> bytes:
     if len(raw) > MAX_HEADER_LENGTH:
         raise ValueError(f"encoded header is {len(raw)} bytes, more than {MAX_HEADER_LENGTH}")
     prefix = _HLEN.pack(len(raw)) + raw
-    if key is not None and "id" not in header:
+    # Only all-string headers are cached: as dict keys True, 1 and 1.0 are equal.
+    if key is not None and all(type(value) is str for value in header.values()):
         if len(_prefix_cache) >= _HEADER_CACHE_SIZE:
             _prefix_cache.clear()
         _prefix_cache[key] = prefix
