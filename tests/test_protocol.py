@@ -9,6 +9,7 @@ by the same assertions.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from typing import Any
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 from multiconn.errors import MulticonnError, ProtocolError
 from multiconn.protocol import (
     DEFAULT_MAX_CONTENT,
+    LARGE_CONTENT,
     TEXT_ENCODINGS,
     ErrorCode,
     Frame,
@@ -1073,3 +1075,63 @@ def test_regression_nan_content_is_bad_content(token: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
         frame.json_content()
     assert info.value.code == ErrorCode.BAD_CONTENT
+
+
+# -- receiving large contents in place (recv_buffer / buffer_updated) ---------------------
+
+
+def _decode_in_place(wire: bytes, chunk: int) -> list[Frame]:
+    """Drive a decoder the way a connection does: recv_into when offered, else feed."""
+    decoder = FrameDecoder()
+    frames: list[Frame] = []
+    pos = 0
+    while pos < len(wire):
+        view = decoder.recv_buffer()
+        if view is None:
+            frames += decoder.feed(wire[pos : pos + chunk])
+            pos += chunk
+            continue
+        n = min(len(view), chunk, len(wire) - pos)
+        view[:n] = wire[pos : pos + n]
+        view.release()
+        frames += decoder.buffer_updated(n)
+        pos += n
+    assert not decoder.has_partial
+    return frames
+
+
+@pytest.mark.parametrize("chunk", [1, 1000, 70_000, 1 << 22])
+def test_large_contents_received_in_place(chunk: int) -> None:
+    contents = [os.urandom(200_000), b"small", os.urandom(LARGE_CONTENT)]
+    wire = b"".join(encode_frame(Frame.binary(c, id=i)) for i, c in enumerate(contents))
+    frames = _decode_in_place(wire, chunk)
+    assert [f.content for f in frames] == contents
+    assert [f.id for f in frames] == [0, 1, 2]
+
+
+def test_recv_buffer_never_reaches_past_the_frame() -> None:
+    content = os.urandom(LARGE_CONTENT + 10)
+    wire = encode_frame(Frame.binary(content))
+    decoder = FrameDecoder()
+    fed = len(wire) - len(content) + 5  # the header and 5 bytes of content
+    assert decoder.feed(wire[:fed]) == []
+    view = decoder.recv_buffer()
+    assert view is not None and len(view) == len(content) - 5
+    assert decoder.partial_id is None and decoder.has_partial
+
+
+def test_feed_after_in_place_receive_finishes_the_frame_and_parses_on() -> None:
+    content = os.urandom(LARGE_CONTENT)
+    first = encode_frame(Frame.binary(content))
+    wire = first + encode_frame(Frame.binary(b"next"))
+    decoder = FrameDecoder()
+    fed = len(first) - len(content) + 10  # the first frame's header and 10 bytes
+    decoder.feed(wire[:fed])
+    view = decoder.recv_buffer()
+    view[:5] = wire[fed : fed + 5]
+    view.release()
+    assert decoder.buffer_updated(5) == []
+    with pytest.raises(ProtocolError) as info:
+        decoder.feed(wire[fed + 5 :] + b"\x00\x00")
+    assert info.value.code == ErrorCode.BAD_HEADER_LENGTH
+    assert [f.content for f in info.value.frames] == [content, b"next"]
