@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import ssl
 import sys
 from typing import Callable, Sequence
 
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"on shutdown, abort what is not done after this long (default {_DEFAULTS.drain_timeout:g})")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="logging threshold (default info)")
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain (PEM)")
+    serve.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM; default: in the cert file)")
     serve.set_defaults(run=run_serve)
 
     request = commands.add_parser(
@@ -91,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_address(request, f"server port (default {DEFAULT_PORT})")
     request.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                          help=f"give up after this long without progress (default {DEFAULT_TIMEOUT:g})")
+    request.add_argument("--tls", action="store_true", help="connect with TLS, verifying the server's certificate")
+    request.add_argument("--tls-ca", metavar="FILE", help="trust this CA bundle (PEM) instead of the system's (implies --tls)")
+    request.add_argument("--tls-server-name", metavar="NAME",
+                         help="name the server's certificate must carry (default: --host; implies --tls)")
     request.add_argument("action", help="'search', or any other word for a binary request")
     request.add_argument("value", help="the search term, or the rest of the binary content")
     request.set_defaults(run=run_request)
@@ -104,11 +111,20 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         app = load_app(args.app)
     except AppLoadError as exc:
         parser.error(f"--app: {exc}")
+    ssl_context = None
+    if args.tls_cert:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            parser.error(f"--tls-cert/--tls-key: cannot load {args.tls_cert}: {exc.strerror or exc}")
+    elif args.tls_key:
+        parser.error("--tls-key needs --tls-cert")
     limits = Limits(
         max_content=args.max_content, frame_timeout=args.frame_timeout, idle_timeout=args.idle_timeout,
         max_connections=args.max_connections, drain_timeout=args.drain_timeout,
     )
-    server = Server(app, args.host, args.port, limits=limits)
+    server = Server(app, args.host, args.port, limits=limits, ssl_context=ssl_context)
     try:
         server.start()
     except OSError as exc:
@@ -137,9 +153,20 @@ def format_answer(frame: Frame) -> str:
     return frame.content.decode("utf-8", errors="backslashreplace")
 
 
-def run_request(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def client_tls_context(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ssl.SSLContext | None:
+    if not (args.tls or args.tls_ca or args.tls_server_name):
+        return None
     try:
-        with connect(args.host, args.port, timeout=args.timeout) as client:
+        return ssl.create_default_context(cafile=args.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        parser.error(f"--tls-ca: cannot load {args.tls_ca}: {getattr(exc, 'strerror', None) or exc}")
+
+
+def run_request(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    ssl_context = client_tls_context(args, parser)
+    try:
+        with connect(args.host, args.port, timeout=args.timeout, ssl_context=ssl_context,
+                     server_hostname=args.tls_server_name) as client:
             answer = client.request(request_frame(args.action, args.value))
         print(format_answer(answer))
     except ErrorResponse as exc:

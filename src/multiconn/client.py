@@ -16,12 +16,21 @@ from __future__ import annotations
 import errno
 import selectors
 import socket
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, NoReturn, Sequence
 
-from .errors import ConnectionClosed, ConnectionFailed, ErrorResponse, Timeout
+from .errors import (
+    WOULD_BLOCK,
+    CertificateVerificationError,
+    ConnectionClosed,
+    ConnectionFailed,
+    ErrorResponse,
+    Timeout,
+    TLSError,
+)
 from .protocol import DEFAULT_MAX_CONTENT, Frame, FrameDecoder, encode_frame, encode_frames
 
 __all__ = ["Client", "connect", "MultiClient", "Response"]
@@ -30,7 +39,8 @@ RECV_SIZE = 256 * 1024
 DEFAULT_TIMEOUT = 10.0
 
 
-def _open_socket(host: str, port: int, timeout: float) -> socket.socket:
+def _open_socket(host: str, port: int, timeout: float, ssl_context: ssl.SSLContext | None = None,
+                 server_hostname: str | None = None) -> socket.socket:
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except socket.timeout:
@@ -38,8 +48,29 @@ def _open_socket(host: str, port: int, timeout: float) -> socket.socket:
     except OSError as exc:
         raise ConnectionFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if ssl_context is not None:
+        sock = _tls_handshake(sock, ssl_context, server_hostname or host, f"{host}:{port}", timeout)
     sock.setblocking(False)
     return sock
+
+
+def _tls_handshake(sock: socket.socket, context: ssl.SSLContext, server_hostname: str,
+                   where: str, timeout: float) -> ssl.SSLSocket:
+    """Wrap `sock` in TLS (a blocking handshake, bounded by the socket's timeout)."""
+    try:
+        return context.wrap_socket(sock, server_hostname=server_hostname)
+    except ssl.SSLCertVerificationError as exc:
+        sock.close()
+        raise CertificateVerificationError(
+            f"TLS certificate of {where} not accepted: {exc.verify_message or exc.reason}"
+        ) from None
+    except socket.timeout:
+        sock.close()
+        raise Timeout(f"TLS handshake with {where} timed out after {timeout:g} s") from None
+    except (ssl.SSLError, OSError) as exc:
+        sock.close()
+        reason = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
+        raise TLSError(f"TLS handshake with {where} failed: {reason}") from None
 
 
 def raise_for_error(frame: Frame) -> Frame:
@@ -62,6 +93,7 @@ class Client:
         self._selector = selectors.DefaultSelector()
         self._selector.register(sock, selectors.EVENT_READ)
         self._eof = False
+        self._tls = isinstance(sock, ssl.SSLSocket)
 
     def request(self, frame: Frame) -> Frame:
         """Send one request and return its response; raises `ErrorResponse` for an error frame."""
@@ -112,23 +144,27 @@ class Client:
     def _send(self, view: memoryview) -> int:
         try:
             return self.sock.send(view)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             return 0
         except OSError as exc:
             self._closed_early(exc)
 
     def _receive(self) -> bool:
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError as exc:
-            self._closed_early(exc)
-        if not data:
-            self._eof = True
-            self._closed_early(None)
-        self._received.extend(self._decoder.feed(data))
-        return True
+        """Read what is there; TLS may hold decrypted bytes no select() reports."""
+        sock = self.sock
+        while True:
+            try:
+                data = sock.recv(RECV_SIZE)
+            except WOULD_BLOCK:
+                return False
+            except OSError as exc:
+                self._closed_early(exc)
+            if not data:
+                self._eof = True
+                self._closed_early(None)
+            self._received.extend(self._decoder.feed(data))
+            if not (self._tls and sock.pending()):
+                return True
 
     def _closed_early(self, exc: OSError | None) -> NoReturn:
         """The server went away: report its error frame if it sent one."""
@@ -149,9 +185,16 @@ class Client:
 
 
 def connect(host: str = "127.0.0.1", port: int = 65432, *, timeout: float = DEFAULT_TIMEOUT,
-            max_content: int = DEFAULT_MAX_CONTENT) -> Client:
-    """Open a `Client`; raises `ConnectionFailed` or `Timeout`."""
-    return Client(_open_socket(host, port, timeout), timeout=timeout, max_content=max_content)
+            max_content: int = DEFAULT_MAX_CONTENT, ssl_context: ssl.SSLContext | None = None,
+            server_hostname: str | None = None) -> Client:
+    """Open a `Client`, over TLS when `ssl_context` is given.
+
+    Raises `ConnectionFailed` (`TLSError`, `CertificateVerificationError` for TLS
+    failures) or `Timeout`. `server_hostname` is the name the certificate must
+    carry (default: `host`).
+    """
+    sock = _open_socket(host, port, timeout, ssl_context, server_hostname)
+    return Client(sock, timeout=timeout, max_content=max_content)
 
 
 # -- many connections -----------------------------------------------------

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Readiness is a hint, never a promise: every ``recv``/``send`` tolerates
-``BlockingIOError`` and ``InterruptedError``, and any other ``OSError`` (reset,
+``BlockingIOError``, ``InterruptedError`` and TLS's want-read/want-write, and any other ``OSError`` (reset,
 broken pipe) ends the connection through the one `close` path, which unregisters
 before it closes and runs only once.
 
@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from .errors import ProtocolError
+from .errors import WOULD_BLOCK, ProtocolError
 from .loop import EVENT_READ, EVENT_WRITE
 from .protocol import ErrorCode, Frame, FrameDecoder, encode_header
 
@@ -57,6 +58,9 @@ OPEN, FINISHING, FAILED, CLOSED = "open", "finishing", "failed", "closed"
 
 class Connection:
     """Base of server-side connections; subclasses say what to do with data."""
+
+    #: Whether the socket can send several buffers at once (``sendmsg``).
+    vectored = True
 
     __slots__ = (
         "sock", "peer", "server", "loop", "limits", "state", "_out", "_out_size",
@@ -98,7 +102,7 @@ class Connection:
         """One ``recv``; False when the kernel had nothing or the connection ended."""
         try:
             data = self.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             return False
         except OSError as exc:
             self.close(f"recv failed: {exc}")
@@ -149,7 +153,7 @@ class Connection:
             # The common case: the kernel takes it all and nothing is queued.
             try:
                 sent = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
+            except WOULD_BLOCK:
                 sent = 0
             except OSError as exc:
                 self.close(f"send failed: {exc}")
@@ -187,14 +191,14 @@ class Connection:
         sock = self.sock
         while out:
             try:
-                if len(out) == 1:
+                if len(out) == 1 or not self.vectored:
                     attempted = len(out[0])
                     sent = sock.send(out[0])
                 else:
                     batch = list(_first(out, MAX_IOVECS))
                     attempted = sum(map(len, batch))
                     sent = sock.sendmsg(batch)
-            except (BlockingIOError, InterruptedError):
+            except WOULD_BLOCK:
                 break
             except OSError as exc:
                 self.close(f"send failed: {exc}")
@@ -233,7 +237,9 @@ class Connection:
         if self.state is CLOSED:
             return
         reading = not self._paused and self.state is not FINISHING
-        interest = (EVENT_READ if reading else 0) | (EVENT_WRITE if self._out else 0)
+        self._set_interest((EVENT_READ if reading else 0) | (EVENT_WRITE if self._out else 0))
+
+    def _set_interest(self, interest: int) -> None:
         current = self._interest
         if interest == current:
             return
@@ -369,7 +375,7 @@ class FramedConnection(Connection):
         # A large content: receive it in place, never past the frame's end.
         try:
             received = self.sock.recv_into(view)
-        except (BlockingIOError, InterruptedError):
+        except WOULD_BLOCK:
             return False
         except OSError as exc:
             self.close(f"recv failed: {exc}")
@@ -442,3 +448,91 @@ class RawEchoConnection(Connection):
 
     def data_received(self, data: bytes) -> None:
         self.write(data)
+
+
+class TLSConnectionMixin:
+    """TLS on top of a connection class: a non-blocking handshake first, then
+    the same framing, with the few differences TLS brings:
+
+    * the handshake may want to read or to write; until it is done the
+      connection only drives it, and the frame timeout bounds how long it may take;
+    * one ``recv`` returns at most one TLS record, and decrypted bytes can wait
+      inside the SSL object (``pending()``) while the socket itself has nothing
+      to read: those are read at once, or no select() would ever report them;
+    * ``SSLSocket`` has no ``sendmsg``, and shutting down its sending side
+      would drop the TLS session, so neither is used.
+    """
+
+    __slots__ = ()
+    vectored = False
+
+    def __init__(self, sock: ssl.SSLSocket, peer: Any, server: "Server") -> None:
+        self._handshaking = True
+        super().__init__(sock, peer, server)  # type: ignore[call-arg]
+
+    def _on_events(self, mask: int) -> None:
+        if self._handshaking:
+            self._continue_handshake()
+        else:
+            super()._on_events(mask)  # type: ignore[misc]
+
+    def _continue_handshake(self) -> None:
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._set_interest(EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._set_interest(EVENT_WRITE)
+            return
+        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
+            log.info("%s: TLS handshake failed: %s", self, reason)
+            self._handshaking = False
+            self._abandon_tls()
+            return
+        self._handshaking = False
+        self.last_activity = self.loop.now
+        log.debug("%s: TLS established (%s)", self, self.sock.version())
+        self._update_interest()
+        self._read_once()
+
+    def _abandon_tls(self) -> None:
+        """Close without a reset: stop TLS, send FIN, discard input until EOF or the linger ends."""
+        self.state = FAILED
+        try:
+            self.sock.shutdown(socket.SHUT_WR)  # also drops the SSL object: plain reads from here
+        except OSError:
+            pass
+        self.loop.call_later(self.limits.error_linger, self.close, "error linger over")
+        self._set_interest(EVENT_READ)
+
+    def _read_once(self) -> bool:
+        progressed = super()._read_once()  # type: ignore[misc]
+        while progressed and self.state is not CLOSED and not self._paused and self.sock.pending():
+            progressed = super()._read_once()  # type: ignore[misc]
+        return progressed
+
+    def _resume_reading(self) -> None:
+        super()._resume_reading()  # type: ignore[misc]
+        if self.state is not CLOSED and self.sock.pending():
+            self.loop.call_soon(self._on_events, EVENT_READ)
+
+    def _shutdown_write(self) -> None:
+        pass
+
+    def check_timeouts(self, now: float) -> None:
+        if self._handshaking:
+            if now - self.last_activity >= self.limits.frame_timeout:
+                log.info("%s: TLS handshake not done within %g s", self, self.limits.frame_timeout)
+                self.close("TLS handshake timed out")
+            return
+        super().check_timeouts(now)  # type: ignore[misc]
+
+
+class TLSFramedConnection(TLSConnectionMixin, FramedConnection):
+    __slots__ = ("_handshaking",)
+
+
+class TLSRawEchoConnection(TLSConnectionMixin, RawEchoConnection):
+    __slots__ = ("_handshaking",)

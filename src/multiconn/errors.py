@@ -15,7 +15,12 @@ branches say who is to blame:
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
+
+#: OS-level exceptions that mean "not now, try again when ready": a plain
+#: socket's, and TLS's wish to read or write first.
+WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class MulticonnError(Exception):
@@ -49,6 +54,14 @@ class ErrorResponse(MulticonnError):
 
 class ConnectionFailed(MulticonnError, ConnectionError):
     """A connection could not be opened (refused, unreachable, unknown host)."""
+
+
+class TLSError(ConnectionFailed):
+    """The TLS handshake failed (the peer does not speak TLS, or refused ours)."""
+
+
+class CertificateVerificationError(TLSError):
+    """The server's certificate could not be verified (unknown CA, wrong name, expired)."""
 
 
 class ConnectionClosed(MulticonnError, ConnectionError):

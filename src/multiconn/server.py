@@ -25,10 +25,17 @@ import logging
 import resource
 import signal
 import socket
+import ssl
 from typing import Any, Callable, Union
 
 from .apps import App, RawEcho, load_app
-from .connection import Connection, FramedConnection, RawEchoConnection
+from .connection import (
+    Connection,
+    FramedConnection,
+    RawEchoConnection,
+    TLSFramedConnection,
+    TLSRawEchoConnection,
+)
 from .errors import ProtocolError
 from .limits import Limits
 from .loop import EVENT_READ, EventLoop
@@ -68,7 +75,8 @@ class Server:
     """Serves an application on one or more listening sockets.
 
     `app` is a frame handler (``Frame -> Frame``), `raw_echo`, or the name of a
-    built-in app / ``package.module:attr``.
+    built-in app / ``package.module:attr``. With `ssl_context` (a server-side
+    ``ssl.SSLContext``) every connection speaks TLS.
     """
 
     def __init__(
@@ -80,6 +88,7 @@ class Server:
         limits: Limits = Limits(),
         loop: EventLoop | None = None,
         backlog: int = DEFAULT_BACKLOG,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.app = load_app(app) if isinstance(app, str) else app
         self.host = host
@@ -88,9 +97,12 @@ class Server:
         self.backlog = backlog
         self._own_loop = loop is None
         self.loop = loop if loop is not None else EventLoop()
-        self._connection_class: type[Connection] = (
-            RawEchoConnection if isinstance(self.app, RawEcho) else FramedConnection
-        )
+        self.ssl_context = ssl_context
+        raw = isinstance(self.app, RawEcho)
+        if ssl_context is None:
+            self._connection_class: type[Connection] = RawEchoConnection if raw else FramedConnection
+        else:
+            self._connection_class = TLSRawEchoConnection if raw else TLSFramedConnection
         self._listeners: list[socket.socket] = []
         self._accepting = False
         self._accept_backoff = False
@@ -116,7 +128,8 @@ class Server:
         self._set_accepting(True)
         self._sweep_handle = self.loop.call_later(self.limits.sweep_interval, self._sweep)
         for address in self.addresses:
-            log.info("listening on %s (app %s)", format_address(address), _app_name(self.app))
+            log.info("listening on %s (app %s%s)", format_address(address), _app_name(self.app),
+                     ", TLS" if self.ssl_context is not None else "")
 
     def serve_forever(self, *, handle_signals: bool = True) -> None:
         """Start if needed and run until shut down; then release everything."""
@@ -165,6 +178,8 @@ class Server:
                 log.error("accept failed: %s", exc)
                 return
             try:
+                if self.ssl_context is not None:
+                    sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
                 connection = make_connection(sock, peer, self)
             except OSError as exc:  # e.g. the peer reset before we set it up
                 log.debug("could not set up connection from %s: %s", peer, exc)
