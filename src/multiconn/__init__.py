@@ -9,12 +9,14 @@ from .apps import echo, load_app, raw_echo, search
 from .client import Client, MultiClient, Response, connect
 from .errors import (
     AppLoadError,
+    CertificateVerificationError,
     ConnectionClosed,
     ConnectionFailed,
     ErrorResponse,
     MulticonnError,
     ProtocolError,
     Timeout,
+    TLSError,
 )
 from .limits import Limits
 from .loop import EventLoop
@@ -24,8 +26,8 @@ from .server import Server
 __version__ = "0.1.0"
 
 __all__ = [
-    "AppLoadError", "Client", "ConnectionClosed", "ConnectionFailed", "ErrorCode",
+    "AppLoadError", "CertificateVerificationError", "Client", "ConnectionClosed", "ConnectionFailed", "ErrorCode",
     "ErrorResponse", "EventLoop", "Frame", "FrameDecoder", "Limits", "MultiClient",
-    "MulticonnError", "ProtocolError", "Response", "Server", "Timeout", "connect",
+    "MulticonnError", "ProtocolError", "Response", "Server", "Timeout", "TLSError", "connect",
     "echo", "encode_frame", "encode_frames", "load_app", "raw_echo", "search",
 ]
