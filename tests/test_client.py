@@ -138,7 +138,8 @@ def test_connect_to_an_unknown_host_name_raises_connection_failed(monkeypatch: p
     assert "Name or service not known" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a malformed host name escapes as UnicodeError, not ConnectionFailed")
+@pytest.mark.xfail(strict=True, raises=UnicodeError,
+                   reason="BUG: a malformed host name escapes as UnicodeError, not ConnectionFailed")
 def test_connect_to_an_invalid_host_name_raises_connection_failed() -> None:
     # An empty label makes the idna codec fail before any lookup: no traffic.
     with pytest.raises(ConnectionFailed):
@@ -395,7 +396,8 @@ def test_multiclient_to_a_closed_port_raises_connection_failed() -> None:
     assert "ECONNREFUSED" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: MultiClient lets socket.gaierror escape instead of ConnectionFailed")
+@pytest.mark.xfail(strict=True, raises=socket.gaierror,
+                   reason="BUG: MultiClient lets socket.gaierror escape instead of ConnectionFailed")
 def test_multiclient_to_an_unknown_host_name_raises_connection_failed(monkeypatch: pytest.MonkeyPatch) -> None:
     real = socket.getaddrinfo
 

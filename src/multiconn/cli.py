@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"stop accepting at this many open connections (default {_DEFAULTS.max_connections})")
     serve.add_argument("--drain-timeout", type=positive_float, default=_DEFAULTS.drain_timeout, metavar="SECONDS",
                        help=f"on shutdown, abort what is not done after this long (default {_DEFAULTS.drain_timeout:g})")
+    serve.add_argument("--handler-timeout", type=positive_float, default=_DEFAULTS.handler_timeout, metavar="SECONDS",
+                       help=f"interrupt a handler call that runs longer, answering handler-error (default {_DEFAULTS.handler_timeout:g})")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="logging threshold (default info)")
     serve.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain (PEM)")
@@ -123,6 +125,7 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     limits = Limits(
         max_content=args.max_content, frame_timeout=args.frame_timeout, idle_timeout=args.idle_timeout,
         max_connections=args.max_connections, drain_timeout=args.drain_timeout,
+        handler_timeout=args.handler_timeout,
     )
     server = Server(app, args.host, args.port, limits=limits, ssl_context=ssl_context)
     try:

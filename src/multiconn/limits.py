@@ -27,9 +27,12 @@ class Limits:
     low_water: int = 256 * 1024
     #: After a fatal error frame, how long input is discarded before closing.
     error_linger: float = 1.0
+    #: A handler call running longer is interrupted and answered ``handler-error``
+    #: (enforced when the server runs in the main thread; see watchdog.py).
+    handler_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("frame_timeout", "idle_timeout", "drain_timeout", "error_linger"):
+        for name in ("frame_timeout", "idle_timeout", "drain_timeout", "error_linger", "handler_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.max_content < 0:

@@ -40,6 +40,7 @@ from .errors import ProtocolError
 from .limits import Limits
 from .loop import EVENT_READ, EventLoop
 from .protocol import ErrorCode, Frame
+from .watchdog import HandlerClock, HandlerTimeout, Watchdog
 
 log = logging.getLogger("multiconn.server")
 
@@ -111,6 +112,8 @@ class Server:
         self._sweep_handle: Any = None
         self._drain_handle: Any = None
         self._closed = False
+        self.handler_clock = HandlerClock()
+        self._watchdog: Watchdog | None = None
 
     # -- setup ------------------------------------------------------------
 
@@ -137,6 +140,8 @@ class Server:
         if handle_signals:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.loop.add_signal_handler(signum, self._on_signal, signum)
+            if not isinstance(self.app, RawEcho):
+                self._watchdog = Watchdog(self.handler_clock, self.limits.handler_timeout)
         try:
             self.loop.run_forever()
         finally:
@@ -215,15 +220,23 @@ class Server:
     def respond(self, request: Frame) -> Frame:
         """The response to one request: the app's, or the error frame in its place."""
         request_id = request.header.get("id")
+        clock = self.handler_clock
         try:
             if request.header["content-type"] == "text/json":
                 request.json_content()  # bad-content is checked for every app
-            response = self.app(request)  # type: ignore[operator]
+            clock.enter()
+            try:
+                response = self.app(request)  # type: ignore[operator]
+            finally:
+                clock.leave()
             if not isinstance(response, Frame):
                 raise TypeError(f"handler returned {type(response).__name__}, not a Frame")
         except ProtocolError as exc:
             code = exc.code if exc.code not in ErrorCode.FATAL else ErrorCode.HANDLER_ERROR
             return Frame.error(code, exc.message, id=request_id)
+        except HandlerTimeout as exc:
+            log.warning("handler %s interrupted: %s", _app_name(self.app), exc)
+            return Frame.error(ErrorCode.HANDLER_ERROR, str(exc), id=request_id)
         except Exception as exc:
             log.warning("handler %s raised %s: %s", _app_name(self.app), type(exc).__name__, exc,
                         exc_info=log.isEnabledFor(logging.DEBUG))
@@ -290,6 +303,8 @@ class Server:
         if self._closed:
             return
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.close()
         self._set_accepting(False)
         for sock in self._listeners:
             sock.close()
