@@ -103,6 +103,33 @@ def build_parser() -> argparse.ArgumentParser:
     request.add_argument("action", help="'search', or any other word for a binary request")
     request.add_argument("value", help="the search term, or the rest of the binary content")
     request.set_defaults(run=run_request)
+    bench = commands.add_parser(
+        "bench", help="measure an echo server: throughput, latency, server CPU",
+        description="Load an echo server with many connections, verify every response, and report "
+                    "requests/s, MB/s, latency percentiles and errors. Without --port it starts "
+                    "'multiconn serve --app echo' (or raw-echo) itself and also reports its CPU per request.",
+    )
+    bench.add_argument("--host", default=DEFAULT_HOST, help=f"server address (default {DEFAULT_HOST})")
+    bench.add_argument("--port", type=port_number, default=None,
+                       help="port of a running echo server (default: start one on a free port)")
+    bench.add_argument("--connections", type=positive_int, default=50, metavar="N",
+                       help="concurrent connections, all opened first (default 50)")
+    bench.add_argument("--size", type=non_negative_int, default=64, metavar="BYTES",
+                       help="payload bytes per request (default 64; raw mode needs >= 1)")
+    bench.add_argument("--pipeline", type=positive_int, default=1, metavar="N",
+                       help="requests in flight per connection (default 1)")
+    bench.add_argument("--duration", type=positive_float, default=5.0, metavar="SECONDS",
+                       help="measured window (default 5)")
+    bench.add_argument("--warmup", type=_number(float, 0, inclusive=True), default=1.0, metavar="SECONDS",
+                       help="load before the measured window, not counted (default 1)")
+    bench.add_argument("--mode", choices=["framed", "raw"], default="framed",
+                       help="framed: multiconn frames to the echo app (default); raw: bytes to raw-echo")
+    bench.add_argument("--processes", type=positive_int, default=1, metavar="N",
+                       help="load generator processes, sharing the connections (default 1)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    bench.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                       help=f"limit for connecting and for each response (default {DEFAULT_TIMEOUT:g})")
+    bench.set_defaults(run=run_bench, subparser=bench)
     return parser
 
 
@@ -179,6 +206,30 @@ def run_request(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print(f"multiconn request: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .bench import BenchError, BenchOptions, run  # the load generator is not needed by other commands
+
+    if args.mode == "raw" and args.size < 1:
+        args.subparser.error("argument --size: must be >= 1 with --mode raw")
+    if args.port == 0:
+        args.subparser.error("argument --port: 0 is not a server's port (leave --port out to start a server)")
+    if args.processes > args.connections:
+        args.subparser.error(f"argument --processes: must not exceed --connections ({args.connections})")
+    options = BenchOptions(
+        host=args.host, port=args.port, connections=args.connections, size=args.size,
+        pipeline=args.pipeline, duration=args.duration, warmup=args.warmup, mode=args.mode,
+        processes=args.processes, timeout=args.timeout,
+    )
+    progress = sys.stderr if not args.json and sys.stderr.isatty() else None
+    try:
+        result = run(options, progress=progress)
+    except BenchError as exc:
+        print(f"multiconn bench: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_json()) if args.json else result.format_table())
+    return 1 if result.errors else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

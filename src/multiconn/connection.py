@@ -63,19 +63,20 @@ class Connection:
     vectored = True
 
     __slots__ = (
-        "sock", "peer", "server", "loop", "limits", "state", "_out", "_out_size",
+        "sock", "server", "loop", "limits", "state", "_out", "_out_size",
         "_interest", "_paused", "_paused_at", "_draining", "last_activity",
         "last_progress", "__weakref__",
     )
 
-    def __init__(self, sock: socket.socket, peer: Any, server: "Server") -> None:
+    def __init__(self, sock: socket.socket, server: "Server") -> None:
         self.sock = sock
-        self.peer = peer
         self.server = server
         self.loop = server.loop
         self.limits = server.limits
         self.state = OPEN
-        self._out: deque[Any] = deque()
+        # Created on the first partial send and dropped when drained: an idle
+        # connection should not carry an empty deque (760 bytes).
+        self._out: deque[Any] | None = None
         self._out_size = 0
         self._paused = False
         self._paused_at = 0.0
@@ -168,9 +169,12 @@ class Connection:
                 self._flush()
 
     def _queue(self, data: bytes | memoryview) -> None:
-        if not self._out:
+        out = self._out
+        if not out:
+            if out is None:
+                out = self._out = deque()
             self.last_progress = self.loop.now
-        self._out.append(data)
+        out.append(data)
         self._out_size += len(data)
         if self._out_size > self.limits.high_water and not self._paused:
             self._pause_reading()
@@ -214,9 +218,10 @@ class Connection:
                 self._resume_reading()
         elif self._out_size > limits.high_water:
             self._pause_reading()
-        if out:
+        if self._out:
             self._update_interest()
         else:
+            self._out = None
             self._on_output_flushed()
 
     def _on_output_flushed(self) -> None:
@@ -325,9 +330,17 @@ class Connection:
             self.loop.unregister(self.sock)
         self._interest = 0
         self.sock.close()
-        self._out.clear()
+        self._out = None
         self._out_size = 0
         self.server._connection_closed(self)
+
+    @property
+    def peer(self) -> Any:
+        """The peer's address (looked up when asked: most connections never are)."""
+        try:
+            return self.sock.getpeername()
+        except OSError:
+            return None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {_format_peer(self.peer)} {self.state}>"
@@ -363,10 +376,10 @@ class FramedConnection(Connection):
 
     __slots__ = ("decoder", "frame_started")
 
-    def __init__(self, sock: socket.socket, peer: Any, server: "Server") -> None:
+    def __init__(self, sock: socket.socket, server: "Server") -> None:
         self.decoder = FrameDecoder(server.limits.max_content)
         self.frame_started: float | None = None
-        super().__init__(sock, peer, server)
+        super().__init__(sock, server)
 
     def _read_once(self) -> bool:
         view = self.decoder.recv_buffer() if self.state is OPEN else None
@@ -466,9 +479,9 @@ class TLSConnectionMixin:
     __slots__ = ()
     vectored = False
 
-    def __init__(self, sock: ssl.SSLSocket, peer: Any, server: "Server") -> None:
+    def __init__(self, sock: ssl.SSLSocket, server: "Server") -> None:
         self._handshaking = True
-        super().__init__(sock, peer, server)  # type: ignore[call-arg]
+        super().__init__(sock, server)  # type: ignore[call-arg]
 
     def _on_events(self, mask: int) -> None:
         if self._handshaking:

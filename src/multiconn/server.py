@@ -185,7 +185,7 @@ class Server:
             try:
                 if self.ssl_context is not None:
                     sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                connection = make_connection(sock, peer, self)
+                connection = make_connection(sock, self)
             except OSError as exc:  # e.g. the peer reset before we set it up
                 log.debug("could not set up connection from %s: %s", peer, exc)
                 sock.close()
