@@ -138,8 +138,6 @@ def test_connect_to_an_unknown_host_name_raises_connection_failed(monkeypatch: p
     assert "Name or service not known" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeError,
-                   reason="BUG: a malformed host name escapes as UnicodeError, not ConnectionFailed")
 def test_connect_to_an_invalid_host_name_raises_connection_failed() -> None:
     # An empty label makes the idna codec fail before any lookup: no traffic.
     with pytest.raises(ConnectionFailed):
@@ -396,8 +394,6 @@ def test_multiclient_to_a_closed_port_raises_connection_failed() -> None:
     assert "ECONNREFUSED" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=socket.gaierror,
-                   reason="BUG: MultiClient lets socket.gaierror escape instead of ConnectionFailed")
 def test_multiclient_to_an_unknown_host_name_raises_connection_failed(monkeypatch: pytest.MonkeyPatch) -> None:
     real = socket.getaddrinfo
 
@@ -430,3 +426,14 @@ def test_multiclient_timeout_when_server_never_answers() -> None:
             MultiClient(*listener.getsockname(), timeout=0.5).run([[REQUEST], [REQUEST]])
         elapsed = time.monotonic() - t0
     assert 0.45 <= elapsed < 1.5
+
+
+def test_multiclient_unsolicited_extra_response_is_a_multiconn_error() -> None:
+    def answer_twice(conn: socket.socket, done: threading.Event) -> None:
+        recv_exactly(conn, len(REQUEST_BYTES))
+        conn.sendall(encode_frame(Frame.binary(b"a", id=1)) + encode_frame(Frame.binary(b"b", id=1)))
+        done.wait(10)
+
+    with plain_server(answer_twice) as server:
+        with pytest.raises(MulticonnError):
+            MultiClient("127.0.0.1", server.port, timeout=2).run([[REQUEST]])

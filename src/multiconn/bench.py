@@ -362,9 +362,10 @@ class _Worker:
         progress, slot = self.progress, self.plan.slot
         sweep_every = min(1.0, self.plan.timeout / 4)
 
-        ring, ring_len = self.ring, len(self.ring)
+        ring, ring_len, ring_view, ring_slots = self.ring, len(self.ring), self.ring_view, self.ring_slots
         length = self.request_len
-        window_bytes = self.window * length
+        window = self.window
+        window_bytes = window * length
         select = self.selector.select
         flush = self._flush
         record = self.latencies.append
@@ -443,15 +444,36 @@ class _Worker:
                             else:
                                 for _ in range(done):
                                     queued.popleft()
-                            if not stopping:
-                                queued.extend(repeat(now, done))
-                                conn.unsent += done
-                                if not conn.writing:
-                                    flush(conn)
-                                    continue
-                            elif not queued:
-                                self._close(conn)
+                            if stopping:
+                                if not queued:
+                                    self._close(conn)
                                 continue
+                            # As many new requests as were answered, queued now.
+                            if done == 1:
+                                queued.append(now)
+                            else:
+                                queued.extend(repeat(now, done))
+                            if conn.writing:  # still sending older ones: EVENT_WRITE will
+                                conn.unsent += done
+                                continue
+                            # Nothing was unsent, so the new requests are one ring slice
+                            # from `sidx`; the common case, inlined: it all goes at once.
+                            first = conn.sidx
+                            last = first + done
+                            if last <= ring_slots:
+                                try:
+                                    sent = sock.send(ring_view[first * length:last * length])
+                                except (BlockingIOError, InterruptedError):
+                                    sent = 0
+                                except OSError:
+                                    sent = -1
+                                if sent == done * length:
+                                    conn.inflight += sent
+                                    conn.sidx = last - window if last >= window else last
+                                    continue
+                            conn.unsent = done
+                            flush(conn)  # the general case: partial sends, errors, wrapping
+                            continue
                 if mask & selectors.EVENT_WRITE and conn.unsent:
                     flush(conn)
         if not stopping:  # every connection failed before the end

@@ -157,9 +157,10 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     server = Server(app, args.host, args.port, limits=limits, ssl_context=ssl_context)
     try:
         server.start()
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:
         server.close()
-        print(f"multiconn serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        reason = getattr(exc, "strerror", None) or "invalid host name"
+        print(f"multiconn serve: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
         return 1
     server.serve_forever()
     logging.getLogger("multiconn.server").info("stopped")

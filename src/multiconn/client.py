@@ -28,6 +28,7 @@ from .errors import (
     ConnectionClosed,
     ConnectionFailed,
     ErrorResponse,
+    MulticonnError,
     Timeout,
     TLSError,
 )
@@ -47,6 +48,8 @@ def _open_socket(host: str, port: int, timeout: float, ssl_context: ssl.SSLConte
         raise Timeout(f"connecting to {host}:{port} timed out after {timeout:g} s") from None
     except OSError as exc:
         raise ConnectionFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    except UnicodeError:  # the idna codec rejects the name before any lookup
+        raise ConnectionFailed(f"cannot connect to {host}:{port}: invalid host name") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if ssl_context is not None:
         sock = _tls_handshake(sock, ssl_context, server_hostname or host, f"{host}:{port}", timeout)
@@ -268,7 +271,11 @@ class MultiClient:
             selector.close()
 
     def _start_connect(self) -> socket.socket:
-        infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        try:
+            infos = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "invalid host name"
+            raise ConnectionFailed(f"cannot connect to {self.host}:{self.port}: {reason}") from None
         family, type_, proto, _, address = infos[0]
         sock = socket.socket(family, type_, proto)
         sock.setblocking(False)
@@ -349,5 +356,7 @@ class MultiClient:
             )
         now = time.perf_counter()
         for frame in stream.decoder.feed(data):
+            if not stream.sent_at:
+                raise MulticonnError(f"connection {stream.index}: the server sent a response to no request")
             stream.responses.append(Response(frame, now - stream.sent_at.popleft()))
         return True

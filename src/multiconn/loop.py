@@ -139,15 +139,24 @@ class EventLoop:
 
     # -- signals ----------------------------------------------------------
 
-    def add_signal_handler(self, signum: int, callback: Callable[..., Any], *args: Any) -> None:
-        """Run ``callback(*args)`` in the loop when `signum` arrives (main thread only)."""
+    def add_signal_handler(self, signum: int, callback: Callable[..., Any], *args: Any,
+                           immediate: bool = False) -> None:
+        """Run ``callback(*args)`` in the loop when `signum` arrives (main thread only).
+
+        With `immediate`, the callback runs in the signal handler itself, at
+        whatever point the main thread was (even inside a callback): use it only
+        to set flags, schedule calls, or raise to abort.
+        """
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("signal handlers can only be installed from the main thread")
         if self._old_wakeup_fd is None:
             self._old_wakeup_fd = signal.set_wakeup_fd(self._wake_send.fileno(), warn_on_full_buffer=False)
 
         def handler(_signum: int, _frame: Any) -> None:
-            self._ready.append((callback, args))
+            if immediate:
+                callback(*args)
+            else:
+                self._ready.append((callback, args))
 
         self._old_signal_handlers.setdefault(signum, signal.getsignal(signum))
         signal.signal(signum, handler)

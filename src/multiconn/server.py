@@ -54,6 +54,14 @@ ACCEPT_TRANSIENT_ERRNOS = frozenset(
 DEFAULT_BACKLOG = 1024
 
 
+class ServerAborted(BaseException):
+    """Raised out of whatever the server was doing when a second signal arrives.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception``
+    on the way (a handler's, the loop's) can swallow it.
+    """
+
+
 def raise_nofile_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -109,6 +117,7 @@ class Server:
         self._accept_backoff = False
         self.connections: set[Connection] = set()
         self._shutting_down = False
+        self._signalled = False
         self._sweep_handle: Any = None
         self._drain_handle: Any = None
         self._closed = False
@@ -139,18 +148,20 @@ class Server:
         self.start()
         if handle_signals:
             for signum in (signal.SIGINT, signal.SIGTERM):
-                self.loop.add_signal_handler(signum, self._on_signal, signum)
+                self.loop.add_signal_handler(signum, self._on_signal, signum, immediate=True)
             if not isinstance(self.app, RawEcho):
                 self._watchdog = Watchdog(self.handler_clock, self.limits.handler_timeout)
         try:
             self.loop.run_forever()
+        except ServerAborted as exc:
+            log.warning("%s: aborting %d connections", exc, len(self.connections))
         finally:
             self.close()
 
     # -- accepting --------------------------------------------------------
 
     def _set_accepting(self, wanted: bool) -> None:
-        wanted = wanted and not self._shutting_down and not self._accept_backoff
+        wanted = wanted and not (self._shutting_down or self._closed or self._accept_backoff)
         wanted = wanted and len(self.connections) < self.limits.max_connections
         if wanted == self._accepting:
             return
@@ -261,12 +272,15 @@ class Server:
         self.loop.call_soon_threadsafe(self._begin_shutdown)
 
     def _on_signal(self, signum: int) -> None:
-        if self._shutting_down:
-            log.warning("second %s: aborting", signal.Signals(signum).name)
-            self._abort_all()
-            return
-        log.info("%s: stopping (up to %g s to drain)", signal.Signals(signum).name,
-                 self.limits.drain_timeout)
+        """Runs inside the signal handler: may interrupt anything, even a handler."""
+        name = signal.Signals(signum).name
+        if self._signalled:
+            raise ServerAborted(f"second {name}")
+        self._signalled = True
+        self.loop.call_soon(self._on_first_signal, name)
+
+    def _on_first_signal(self, name: str) -> None:
+        log.info("%s: stopping (up to %g s to drain)", name, self.limits.drain_timeout)
         self._begin_shutdown()
 
     def _begin_shutdown(self) -> None:
@@ -303,6 +317,7 @@ class Server:
         if self._closed:
             return
         self._closed = True
+        self._shutting_down = True
         if self._watchdog is not None:
             self._watchdog.close()
         self._set_accepting(False)

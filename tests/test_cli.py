@@ -1,0 +1,541 @@
+"""Tests of the ``multiconn`` command line, run as real subprocesses.
+
+Every CLI run is ``[sys.executable, "-m", "multiconn", ...]``. Servers are
+started with ``serve --port 0 --log-level info`` and their port is read from
+the INFO line ``listening on 127.0.0.1:PORT (app ...)`` on stderr. A reader
+thread keeps draining stderr so a chatty server can never block on a full
+pipe. Every process is killed and waited for in a fixture finalizer, even when
+a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from multiconn import connect
+from multiconn.protocol import Frame, FrameDecoder, encode_frame, encode_frames
+
+LISTENING = re.compile(r" INFO multiconn\.server: listening on 127\.0\.0\.1:(\d+) \(app ")
+START_DEADLINE = 10.0
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def cli_env(pythonpath: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONIOENCODING"] = "utf-8"
+    env.pop("PYTHONWARNINGS", None)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
+    """Run the CLI to completion (killed by subprocess.run if it overruns)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "multiconn", *args],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=env or cli_env(),
+    )
+    result.stdout = result.stdout.decode("utf-8", "replace")
+    result.stderr = result.stderr.decode("utf-8", "replace")
+    return result
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServeProcess:
+    """``multiconn serve --port 0 --log-level info ARGS`` in a subprocess."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.lines: list[str] = []
+        self.port: int | None = None
+        self._started = threading.Event()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "multiconn", "serve", "--port", "0", "--log-level", "info", *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env or cli_env(),
+        )
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+        if not self._started.wait(START_DEADLINE) or self.port is None:
+            self.stop()
+            raise AssertionError(f"server did not report listening within {START_DEADLINE} s:\n{self.stderr}")
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        try:
+            for raw in self.proc.stderr:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                self.lines.append(line)
+                if self.port is None:
+                    match = LISTENING.search(line)
+                    if match:
+                        self.port = int(match.group(1))
+                        self._started.set()
+        finally:
+            self._started.set()  # EOF before the line: stop waiting
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.lines)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        """Wait for exit and for all of stderr to be read; returns the exit code."""
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def stop(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait(10)
+        finally:
+            self._reader.join(5)
+            if self.proc.stderr is not None:
+                self.proc.stderr.close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Any]:
+    processes: list[ServeProcess] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> ServeProcess:
+        process = ServeProcess(*args, env=env)
+        processes.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in processes:
+            process.stop()
+
+
+APPS_MODULE = '''
+import time
+
+from multiconn.protocol import Frame
+
+
+def handler(request):
+    """A custom app: says who answered and what it got."""
+    if request.is_json:
+        value = request.json_content().get("value")
+        return Frame.json({"result": f"custom handler saw {value}"})
+    return Frame.binary(b"custom handler saw " + request.content)
+
+
+def boom(request):
+    raise ValueError("the test app always fails")
+
+
+def slow(request):
+    """Sleeps float(content) seconds, then echoes the content."""
+    time.sleep(float(request.content.decode() or "0"))
+    return Frame.binary(request.content)
+'''
+
+
+@pytest.fixture
+def apps_env(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "mc_test_apps.py").write_text(textwrap.dedent(APPS_MODULE), encoding="utf-8")
+    return cli_env(tmp_path)
+
+
+def read_frames(sock: socket.socket, decoder: FrameDecoder, count: int | None = None) -> list[Frame]:
+    """Read `count` frames, or (count None) every frame until EOF."""
+    frames: list[Frame] = []
+    while count is None or len(frames) < count:
+        data = sock.recv(65536)
+        if not data:
+            break
+        frames.extend(decoder.feed(data))
+    return frames
+
+
+def open_session(port: int) -> tuple[socket.socket, FrameDecoder]:
+    """A raw connection that has completed one round trip with the `slow` app.
+
+    After it the connection is surely accepted and the server's loop (and so its
+    signal handlers) is running.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    decoder = FrameDecoder()
+    try:
+        sock.sendall(encode_frame(Frame.binary(b"0", id="warm-up")))
+        [answer] = read_frames(sock, decoder, 1)
+        assert (answer.id, answer.content) == ("warm-up", b"0")
+    except BaseException:
+        sock.close()
+        raise
+    return sock, decoder
+
+
+def stuff_without_reading(port: int) -> socket.socket:
+    """Connect to an echo server and send until it stops reading us.
+
+    The client never reads, with a small receive buffer, so the server's echoes
+    pile up in its pending output; past the high-water mark (1 MiB) the server
+    stops reading this connection and our sends block. Returns the socket once
+    no byte went out for 0.5 s.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+        chunk = encode_frame(Frame.binary(b"z" * (256 * 1024)))
+        view = memoryview(chunk)
+        total = 0
+        last_progress = time.monotonic()
+        while time.monotonic() - last_progress < 0.5:
+            try:
+                sent = sock.send(view)
+            except BlockingIOError:
+                time.sleep(0.01)
+                continue
+            total += sent
+            last_progress = time.monotonic()
+            view = view[sent:] or memoryview(chunk)
+            assert total < 512 * 1024 * 1024, "the server kept reading: no backpressure?"
+        assert total > 1024 * 1024
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def assert_no_traceback(text: str) -> None:
+    assert "Traceback" not in text, text
+
+
+# -- serve + request --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def search_port() -> Iterator[int]:
+    process = ServeProcess()  # default app: search
+    try:
+        assert process.port is not None
+        assert "(app search)" in process.stderr
+        yield process.port
+    finally:
+        process.stop()
+
+
+@pytest.mark.parametrize(
+    "action, value, expected",
+    [
+        ("search", "ring", "In the caves beneath the Misty Mountains. \U0001f48d"),
+        ("search", "morpheus", "Follow the white rabbit. \U0001f430"),
+        ("search", "\U0001f436", "\U0001f43e Playing ball! \U0001f3d0"),
+        ("search", "nothing", "No match for 'nothing'."),
+        ("hello", "world", "First 10 bytes of request: helloworld"),
+        ("binary", "0123456789abcdef", "First 10 bytes of request: binary0123"),
+    ],
+)
+def test_request_prints_the_answer(search_port: int, action: str, value: str, expected: str) -> None:
+    result = run_cli("request", "--port", str(search_port), action, value)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    assert result.stderr == ""
+
+
+def test_request_with_an_invalid_action(search_port: int) -> None:
+    # `request` only sends JSON for "search"; another JSON action goes through the library.
+    with connect("127.0.0.1", search_port, timeout=5) as client:
+        answer = client.request(Frame.json({"action": "find", "value": "ring"}))
+    assert answer.json_content() == {"result": "Error: invalid action 'find'."}
+
+
+# -- help and usage errors -----------------------------------------------------------
+
+
+def test_top_level_help() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: multiconn")
+    assert "serve" in result.stdout and "request" in result.stdout
+    assert result.stderr == ""
+
+
+def test_serve_help_lists_every_flag() -> None:
+    result = run_cli("serve", "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: multiconn serve")
+    for flag in ("--host", "--port", "--app", "--max-content", "--frame-timeout", "--idle-timeout",
+                 "--max-connections", "--drain-timeout", "--log-level"):
+        assert flag in result.stdout, flag
+
+
+def test_request_help_lists_every_flag() -> None:
+    result = run_cli("request", "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("usage: multiconn request")
+    for flag in ("--host", "--port", "--timeout"):
+        assert flag in result.stdout, flag
+    assert "action" in result.stdout and "value" in result.stdout
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == "multiconn 0.1.0"
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["serve", "--port", "70000"], "--port"),
+        (["serve", "--port", "0", "--frame-timeout", "-1"], "--frame-timeout"),
+        (["serve", "--port", "0", "--idle-timeout", "abc"], "--idle-timeout"),
+        (["serve", "--port", "0", "--max-connections", "0"], "--max-connections"),
+        (["serve", "--port", "0", "--app", "nosuchapp"], "nosuchapp"),
+        (["serve", "--port", "0", "--app", "nosuchmodule:app"], "nosuchmodule"),
+        (["serve", "--port", "0", "--log-level", "loud"], "--log-level"),
+        (["request", "search"], "value"),
+        (["request", "--timeout", "0", "search", "x"], "--timeout"),
+        ([], "COMMAND"),
+    ],
+)
+def test_bad_usage_exits_2_with_a_readable_message(args: list[str], expected: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "error:" in result.stderr
+    assert expected in result.stderr
+    assert result.stderr.startswith("usage: multiconn")
+    assert_no_traceback(result.stderr)
+
+
+def test_request_to_a_port_with_nothing_listening() -> None:
+    port = free_port()
+    result = run_cli("request", "--port", str(port), "search", "ring")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("multiconn request: ")
+    assert f"127.0.0.1:{port}" in lines[0]
+    assert "refused" in lines[0].lower()
+    assert_no_traceback(result.stderr)
+
+
+def test_request_to_a_malformed_host_name() -> None:
+    # "bad..host" fails in the idna codec before any lookup: no network traffic.
+    result = run_cli("request", "--host", "bad..host", "--port", "1", "search", "ring")
+    assert result.returncode == 1
+    assert_no_traceback(result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_on_a_malformed_host_name() -> None:
+    result = run_cli("serve", "--host", "bad..host", "--port", "0")
+    assert result.returncode in (1, 2)
+    assert_no_traceback(result.stderr)
+
+
+def test_serve_on_a_port_in_use() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        result = run_cli("serve", "--port", str(port), "--log-level", "info")
+    assert result.returncode == 1
+    assert_no_traceback(result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"multiconn serve: cannot listen on 127.0.0.1:{port}: ")
+    assert "in use" in lines[0]
+
+
+# -- custom applications ------------------------------------------------------------
+
+
+def test_serve_a_custom_app(serve: Any, apps_env: dict[str, str]) -> None:
+    server = serve("--app", "mc_test_apps:handler", env=apps_env)
+    assert "(app handler)" in server.stderr
+    result = run_cli("request", "--port", str(server.port), "search", "ring", env=apps_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "custom handler saw ring\n"
+    result = run_cli("request", "--port", str(server.port), "raw", "bytes", env=apps_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "custom handler saw rawbytes\n"
+
+
+def test_an_app_that_raises_gives_handler_error(serve: Any, apps_env: dict[str, str]) -> None:
+    server = serve("--app", "mc_test_apps:boom", env=apps_env)
+    result = run_cli("request", "--port", str(server.port), "search", "ring", env=apps_env)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "handler-error" in lines[0]
+    assert "the test app always fails" in lines[0]
+    assert_no_traceback(result.stderr)
+    # the server survives and logs a warning, not a traceback (log level info)
+    server.signal(signal.SIGTERM)
+    assert server.wait(5) == 0
+    assert "WARNING multiconn.server: handler boom raised ValueError" in server.stderr
+    assert_no_traceback(server.stderr)
+
+
+def test_app_not_callable_is_a_usage_error(apps_env: dict[str, str]) -> None:
+    result = run_cli("serve", "--port", "0", "--app", "mc_test_apps:time", env=apps_env)
+    assert result.returncode == 2
+    assert "not callable" in result.stderr
+    assert_no_traceback(result.stderr)
+    result = run_cli("serve", "--port", "0", "--app", "mc_test_apps:missing", env=apps_env)
+    assert result.returncode == 2
+    assert "missing" in result.stderr
+    assert_no_traceback(result.stderr)
+
+
+# -- shutdown -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_an_idle_server_with_exit_0(serve: Any, signum: int) -> None:
+    server = serve()
+    result = run_cli("request", "--port", str(server.port), "search", "ring")
+    assert result.returncode == 0
+    server.signal(signum)
+    assert server.wait(5) == 0
+    assert f"{signal.Signals(signum).name}: stopping" in server.stderr
+    assert server.lines[-1].endswith("INFO multiconn.server: stopped")
+    assert_no_traceback(server.stderr)
+
+
+def test_sigterm_answers_every_request_in_flight(serve: Any, apps_env: dict[str, str]) -> None:
+    server = serve("--app", "mc_test_apps:slow", env=apps_env)
+    sock, decoder = open_session(server.port)
+    with sock:
+        frames = [Frame.binary(b"0.05", id=i) for i in range(40)]  # ~2 s of handler time
+        sock.sendall(encode_frames(frames))
+        server.signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        answers = read_frames(sock, decoder)  # until the server closes
+    assert [a.id for a in answers] == list(range(40))
+    assert all(a.content == b"0.05" and a.error_info is None for a in answers)
+    assert server.wait(5) == 0
+    assert time.monotonic() - t0 < 6
+    assert "SIGTERM: stopping" in server.stderr
+    assert_no_traceback(server.stderr)
+
+
+def test_partial_frame_is_dropped_on_sigterm(serve: Any, apps_env: dict[str, str]) -> None:
+    server = serve("--app", "mc_test_apps:slow", env=apps_env)
+    sock, decoder = open_session(server.port)
+    with sock:
+        whole = encode_frame(Frame.binary(b"0", id="whole"))
+        partial = encode_frame(Frame.binary(b"0", id="partial"))[:-3]
+        sock.sendall(whole + partial)
+        time.sleep(0.1)
+        server.signal(signal.SIGTERM)
+        answers = read_frames(sock, decoder)
+    assert [a.id for a in answers] == ["whole"]
+    assert server.wait(5) == 0
+    assert_no_traceback(server.stderr)
+
+
+def test_after_sigterm_new_connections_are_refused_and_a_second_signal_aborts(serve: Any) -> None:
+    """Drain is held up by a client that never reads (backpressure, not a
+    blocked handler); the listener is closed meanwhile, and a second SIGTERM
+    ends the process at once instead of after the 10 s drain timeout."""
+    server = serve("--app", "echo")
+    port = server.port
+    stuck = stuff_without_reading(port)
+    with stuck:
+        server.signal(signal.SIGTERM)
+        refused = False
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                probe = socket.create_connection(("127.0.0.1", port), timeout=1)
+            except ConnectionRefusedError:
+                refused = True
+                break
+            probe.close()  # the signal was not handled yet: try again
+            time.sleep(0.02)
+        assert refused, "the listener was still accepting connections after SIGTERM"
+        time.sleep(0.2)
+        assert server.proc.poll() is None, "the server should still be draining the stuck connection"
+        server.signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        code = server.wait(5)
+        elapsed = time.monotonic() - t0
+    assert elapsed < 1.0, f"second SIGTERM took {elapsed:.2f} s to end the server"
+    assert code == 0
+    assert "second SIGTERM: aborting" in server.stderr
+    assert_no_traceback(server.stderr)
+
+
+def test_sigint_then_sigterm_aborts_too(serve: Any) -> None:
+    server = serve("--app", "echo")
+    stuck = stuff_without_reading(server.port)
+    with stuck:
+        server.signal(signal.SIGINT)
+        time.sleep(0.3)
+        assert server.proc.poll() is None
+        server.signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        server.wait(5)
+        assert time.monotonic() - t0 < 1.0
+    assert "SIGINT: stopping" in server.stderr
+    assert "second SIGTERM: aborting" in server.stderr
+    assert_no_traceback(server.stderr)
+
+
+def test_second_sigterm_aborts_a_long_running_handler(serve: Any, apps_env: dict[str, str]) -> None:
+    server = serve("--app", "mc_test_apps:slow", env=apps_env)
+    sock, _decoder = open_session(server.port)
+    with sock:
+        sock.sendall(encode_frame(Frame.binary(b"2", id="long")))  # a 2 s handler
+        time.sleep(0.2)
+        server.signal(signal.SIGTERM)
+        time.sleep(0.2)
+        server.signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        server.wait(5)
+        elapsed = time.monotonic() - t0
+    assert_no_traceback(server.stderr)
+    assert elapsed < 1.0, f"the server exited {elapsed:.2f} s after the second SIGTERM"
+
+
+def test_drain_timeout_aborts_a_connection_that_cannot_finish(serve: Any) -> None:
+    server = serve("--app", "echo", "--drain-timeout", "0.5")
+    stuck = stuff_without_reading(server.port)
+    with stuck:
+        server.signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        code = server.wait(5)
+        elapsed = time.monotonic() - t0
+    assert 0.4 <= elapsed < 2.5, f"exited {elapsed:.2f} s after SIGTERM with --drain-timeout 0.5"
+    assert code == 0
+    assert "SIGTERM: stopping (up to 0.5 s to drain)" in server.stderr
+    assert "drain timeout: aborting 1 connections" in server.stderr
+    assert_no_traceback(server.stderr)
