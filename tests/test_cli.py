@@ -349,14 +349,21 @@ def test_request_to_a_malformed_host_name() -> None:
     # "bad..host" fails in the idna codec before any lookup: no network traffic.
     result = run_cli("request", "--host", "bad..host", "--port", "1", "search", "ring")
     assert result.returncode == 1
+    assert result.stdout == ""
     assert_no_traceback(result.stderr)
-    assert len(result.stderr.strip().splitlines()) == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("multiconn request: ")
+    assert "bad..host" in lines[0]
 
 
 def test_serve_on_a_malformed_host_name() -> None:
     result = run_cli("serve", "--host", "bad..host", "--port", "0")
-    assert result.returncode in (1, 2)
+    assert result.returncode == 1
     assert_no_traceback(result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("multiconn serve: cannot listen on bad..host:0: ")
 
 
 def test_serve_on_a_port_in_use() -> None:
@@ -511,19 +518,29 @@ def test_sigint_then_sigterm_aborts_too(serve: Any) -> None:
 
 
 def test_second_sigterm_aborts_a_long_running_handler(serve: Any, apps_env: dict[str, str]) -> None:
+    """Handlers run inline, so the loop is blocked in the handler: the second
+    signal must still end the process at once, not when the handler returns."""
     server = serve("--app", "mc_test_apps:slow", env=apps_env)
-    sock, _decoder = open_session(server.port)
+    sock, decoder = open_session(server.port)
     with sock:
         sock.sendall(encode_frame(Frame.binary(b"2", id="long")))  # a 2 s handler
         time.sleep(0.2)
         server.signal(signal.SIGTERM)
         time.sleep(0.2)
+        assert server.proc.poll() is None
         server.signal(signal.SIGTERM)
         t0 = time.monotonic()
-        server.wait(5)
+        code = server.wait(5)
         elapsed = time.monotonic() - t0
-    assert_no_traceback(server.stderr)
+        try:
+            leftovers = read_frames(sock, decoder)  # aborted: closed without the answer
+        except ConnectionResetError:
+            leftovers = []
     assert elapsed < 1.0, f"the server exited {elapsed:.2f} s after the second SIGTERM"
+    assert code == 0
+    assert leftovers == []
+    assert "second SIGTERM: aborting" in server.stderr
+    assert_no_traceback(server.stderr)
 
 
 def test_drain_timeout_aborts_a_connection_that_cannot_finish(serve: Any) -> None:
