@@ -115,6 +115,7 @@ class Server:
         self._listeners: list[socket.socket] = []
         self._accepting = False
         self._accept_backoff = False
+        self._out_of_capacity = False
         self.connections: set[Connection] = set()
         self._shutting_down = False
         self._signalled = False
@@ -202,13 +203,17 @@ class Server:
                 sock.close()
                 continue
             connections.add(connection)
+            if self._out_of_capacity:
+                self._out_of_capacity = False
+                log.warning("accepting again, %d connections open", len(connections))
             log.debug("accepted %s (%d open)", connection, len(connections))
 
     def _back_off_accepting(self, exc: OSError) -> None:
-        log.warning(
-            "accept failed (%s), %d connections open: pausing accepts for %g s",
-            exc.strerror, len(self.connections), ACCEPT_RETRY_DELAY,
-        )
+        # One warning per episode; the retries every ACCEPT_RETRY_DELAY are DEBUG.
+        level = logging.DEBUG if self._out_of_capacity else logging.WARNING
+        self._out_of_capacity = True
+        log.log(level, "accept failed (%s), %d connections open: pausing accepts, retrying every %g s",
+                exc.strerror, len(self.connections), ACCEPT_RETRY_DELAY)
         self._set_accepting(False)
         self._accept_backoff = True
         self.loop.call_later(ACCEPT_RETRY_DELAY, self._end_backoff)
