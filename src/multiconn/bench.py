@@ -42,8 +42,9 @@ Theory of operation
 5. Latencies go into one ``array('d')`` per worker (8 bytes per request) and are
    merged and sorted in the parent for the percentiles.
 
-A ``recv`` asks for `RECV_SIZE` bytes: at 128 KiB and above, glibc's malloc
-serves the temporary buffer ``recv`` allocates with mmap/munmap, which costs
+A ``recv`` asks for `RECV_SIZE` bytes. ``recv`` allocates that much and then
+shrinks it; at 128 KiB and above glibc's malloc serves it with mmap and munmap
+(until some large free happens to raise its dynamic threshold), which costs
 more than the system call itself.
 """
 
@@ -64,11 +65,11 @@ import threading
 import time
 from array import array
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import repeat
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.connection import wait as wait_pipes
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 from .errors import ProtocolError
 from .protocol import DEFAULT_MAX_CONTENT, FrameDecoder, encode_header
@@ -79,7 +80,7 @@ MODES = ("framed", "raw")
 CONTENT_TYPE = "binary/octet-stream"
 CONTENT_ENCODING = "binary"
 
-#: Bytes asked of one recv (below glibc's 128 KiB mmap threshold, see above).
+#: Bytes asked of one recv (below glibc's default 128 KiB mmap threshold, see above).
 RECV_SIZE = 64 * 1024
 #: Distinct requests in a worker's ring, at most ...
 RING_REQUESTS = 64
@@ -293,7 +294,6 @@ class _Worker:
         self.framed = plan.mode == "framed"
         header = (encode_header({"content-type": CONTENT_TYPE, "content-encoding": CONTENT_ENCODING}, plan.size)
                   if self.framed else b"")
-        self.header_len = len(header)
         self.request_len = length = len(header) + plan.size
         self.window = window = max(2, min(RING_REQUESTS, RING_BYTES // length))
         extra = min(plan.pipeline, window)
@@ -337,7 +337,9 @@ class _Worker:
             if remaining <= 0:
                 return (f"cannot connect to {plan.target}: {pending} of {plan.connections} connections "
                         f"not established within {plan.timeout:g} s")
-            for key, _mask in selector.select(min(remaining, 1.0)):
+            for key, mask in selector.select(min(remaining, 1.0)):
+                if not mask & selectors.EVENT_WRITE:  # connected already, and the server spoke first
+                    continue
                 conn = key.data
                 sock = conn.sock
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -458,21 +460,25 @@ class _Worker:
                                 continue
                             # Nothing was unsent, so the new requests are one ring slice
                             # from `sidx`; the common case, inlined: it all goes at once.
+                            conn.unsent = done
                             first = conn.sidx
                             last = first + done
                             if last <= ring_slots:
                                 try:
                                     sent = sock.send(ring_view[first * length:last * length])
-                                except (BlockingIOError, InterruptedError):
-                                    sent = 0
                                 except OSError:
-                                    sent = -1
+                                    sent = 0  # _flush retries, and tells an error from EAGAIN
                                 if sent == done * length:
+                                    conn.unsent = 0
                                     conn.inflight += sent
                                     conn.sidx = last - window if last >= window else last
                                     continue
-                            conn.unsent = done
-                            flush(conn)  # the general case: partial sends, errors, wrapping
+                                if sent:
+                                    conn.inflight += sent
+                                    sent_done, conn.sent_part = divmod(sent, length)
+                                    conn.unsent -= sent_done
+                                    conn.sidx = (first + sent_done) % window
+                            flush(conn)  # the general case: the rest of a partial send, wrapping
                             continue
                 if mask & selectors.EVENT_WRITE and conn.unsent:
                     flush(conn)
@@ -714,8 +720,10 @@ class BenchResult:
             "error_samples": list(self.error_samples),
         }
 
-    def format_table(self) -> str:
+    def format_table(self, micro: str | None = None) -> str:
+        """The human-readable report; `micro` is the µs unit (default: "us" where stdout cannot print "µ")."""
         options = self.options
+        micro = micro or _micro_sign()
         server = (f"server started by bench (pid {self.server_pid})" if self.server_pid is not None
                   else f"server at {self.target}")
         processes = f"{options.processes} process{'es' if options.processes > 1 else ''}"
@@ -733,11 +741,11 @@ class BenchResult:
         names = [("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p99.9", "p999"), ("max", "max")]
         for label, key in names:
             value = self.latency_us[key] if self.latency_us is not None else None
-            rows.append((f"latency {label}", _format_us(value)))
+            rows.append((f"latency {label}", _format_us(value, micro)))
         rows.append(("errors", f"{self.errors:,}"))
         if self.server_pid is not None:
             cpu = self.server_cpu_us_per_request
-            rows.append(("server CPU / request", f"{cpu:,.1f} µs" if cpu is not None else "-"))
+            rows.append(("server CPU / request", f"{cpu:,.1f} {micro}" if cpu is not None else "-"))
         if self.client_cpu_percent is not None:
             rows.append(("bench CPU", f"{self.client_cpu_percent:.0f} % of a core per process"))
         width = max(len(label) for label, _ in rows)
@@ -750,13 +758,21 @@ class BenchResult:
         return "\n".join(lines)
 
 
-def _format_us(value: float | None) -> str:
+def _format_us(value: float | None, micro: str) -> str:
     if value is None:
         return "-"
-    return f"{value:,.0f} µs" if value >= 100 else f"{value:.1f} µs"
+    return f"{value:,.0f} {micro}" if value >= 100 else f"{value:.1f} {micro}"
 
 
-def percentiles_us(latencies: list[float]) -> dict[str, float] | None:
+def _micro_sign() -> str:
+    try:
+        "\u00b5".encode(getattr(sys.stdout, "encoding", None) or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return "us"
+    return "\u00b5s"
+
+
+def percentiles_us(latencies: Sequence[float]) -> dict[str, float] | None:
     """Nearest-rank p50/p90/p99/p99.9 and max, in µs, of latencies in seconds."""
     if not latencies:
         return None
@@ -773,8 +789,8 @@ def percentiles_us(latencies: list[float]) -> dict[str, float] | None:
 def _resolve(host: str, port: int) -> tuple[int, tuple]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise BenchError(f"cannot resolve {host!r}: {exc.strerror or exc}") from None
+    except (socket.gaierror, UnicodeError) as exc:
+        raise BenchError(f"cannot resolve {host!r}: {getattr(exc, 'strerror', None) or 'invalid host name'}") from None
     family, _type, _proto, _name, address = infos[0]
     return family, address
 

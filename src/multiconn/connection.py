@@ -91,13 +91,17 @@ class Connection:
     # -- events -----------------------------------------------------------
 
     def _on_events(self, mask: int) -> None:
-        if mask & EVENT_WRITE:
-            self._flush()
-        if mask & EVENT_READ and self.state is not CLOSED:
-            if self._draining:
-                self._drain_input()
-            else:
-                self._read_once()
+        try:
+            if mask & EVENT_WRITE:
+                self._flush()
+            if mask & EVENT_READ and self.state is not CLOSED:
+                if self._draining:
+                    self._drain_input()
+                else:
+                    self._read_once()
+        except Exception:  # a bug must cost this connection, not the server
+            log.exception("%s: unexpected error; closing the connection", self)
+            self.close("internal error")
 
     def _read_once(self) -> bool:
         """One ``recv``; False when the kernel had nothing or the connection ended."""
@@ -114,12 +118,7 @@ class Connection:
             return False
         if self.state is FAILED:
             return True  # discarding until EOF so the error frame is not lost to a reset
-        try:
-            self.data_received(data)
-        except Exception:  # a bug here must cost this connection, not the server
-            log.exception("%s: unexpected error while handling input", self)
-            self.close("internal error")
-            return False
+        self.data_received(data)
         return True
 
     def data_received(self, data: bytes) -> None:

@@ -70,8 +70,8 @@ def raise_nofile_limit() -> int:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
-        except (ValueError, OSError):
-            pass
+        except (ValueError, OSError) as exc:
+            log.debug("could not raise RLIMIT_NOFILE to %s: %s", target, exc)
     return soft
 
 
@@ -192,7 +192,9 @@ class Server:
                     return
                 if exc.errno in ACCEPT_TRANSIENT_ERRNOS:
                     continue
+                # Unknown: the listener may stay readable, so back off rather than spin.
                 log.error("accept failed: %s", exc)
+                self._back_off_accepting(exc)
                 return
             try:
                 if self.ssl_context is not None:
@@ -254,6 +256,7 @@ class Server:
             log.warning("handler %s interrupted: %s", _app_name(self.app), exc)
             return Frame.error(ErrorCode.HANDLER_ERROR, str(exc), id=request_id)
         except Exception as exc:
+            # One line per failure; the traceback too at --log-level debug.
             log.warning("handler %s raised %s: %s", _app_name(self.app), type(exc).__name__, exc,
                         exc_info=log.isEnabledFor(logging.DEBUG))
             return Frame.error(ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}", id=request_id)
