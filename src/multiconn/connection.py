@@ -228,6 +228,8 @@ class Connection:
             self.close("done")
         elif self.state is FAILED:
             self._shutdown_write()
+            # The error frame is out: give the peer a moment to read it.
+            self.loop.call_later(self.limits.error_linger, self.close, "error linger over")
         self._update_interest()
 
     @property
@@ -290,7 +292,7 @@ class Connection:
     def check_timeouts(self, now: float) -> None:
         """Called by the server's sweep; enforces the frame and idle timeouts."""
         limits = self.limits
-        if self.state is FAILED:
+        if self.state is FAILED and not self._out:
             return  # the error linger timer ends it
         if not self._paused and self.partial_input() and self.frame_timed_out(now):
             return
@@ -309,8 +311,8 @@ class Connection:
         if self.state is not OPEN:
             return
         self.state = FAILED
-        self.loop.call_later(self.limits.error_linger, self.close, "error linger over")
-        # Flushing it shuts down our sending side (see _on_output_flushed).
+        # Flushing it shuts down our sending side and starts the linger (see
+        # _on_output_flushed); until then the stalled-output timeout applies.
         self.write(encode_header(frame.header, len(frame.content)) + frame.content)
 
     def _shutdown_write(self) -> None:
@@ -373,11 +375,15 @@ def _format_peer(peer: Any) -> str:
 class FramedConnection(Connection):
     """Speaks the framed protocol: decode, answer every frame in order, report errors."""
 
-    __slots__ = ("decoder", "frame_started")
+    __slots__ = ("decoder", "frame_started", "_held", "_held_due")
 
     def __init__(self, sock: socket.socket, server: "Server") -> None:
         self.decoder = FrameDecoder(server.limits.max_content)
         self.frame_started: float | None = None
+        # Requests received but not answered yet because the answers before
+        # them already filled the output past the high-water mark.
+        self._held: list[Frame] | None = None
+        self._held_due = False  # answering them is scheduled
         super().__init__(sock, server)
 
     def _read_once(self) -> bool:
@@ -406,7 +412,8 @@ class FramedConnection(Connection):
             frames = self.decoder.feed(data)
         except ProtocolError as exc:
             if exc.frames:  # type: ignore[attr-defined]
-                self._answer(exc.frames)  # type: ignore[attr-defined]
+                # All at once, whatever the high-water mark: the error frame must follow them.
+                self._answer(exc.frames, hold=False)  # type: ignore[attr-defined]
             log.debug("%s: protocol error %s", self, exc)
             self.fail(Frame.error(exc.code, exc.message, id=exc.request_id))
             return
@@ -421,20 +428,52 @@ class FramedConnection(Connection):
         else:
             self.frame_started = None
 
-    def _answer(self, frames: list[Frame]) -> None:
+    def _answer(self, frames: list[Frame], hold: bool = True) -> None:
+        """Answer `frames` in order with one send; past the high-water mark, hold the rest.
+
+        Holding keeps a peer whose small requests have large answers from
+        growing the output queue beyond the mark: the held requests are
+        answered (before anything else is read) once the queue drains.
+        """
         respond = self.server.respond
         parts = []
         size = 0
-        for frame in frames:
+        budget = self.limits.high_water - self._out_size
+        last = len(frames) - 1
+        for index, frame in enumerate(frames):
             response = respond(frame)
             content = response.content
-            parts.append(encode_header(response.header, len(content)))
+            prefix = encode_header(response.header, len(content))
+            parts.append(prefix)
             parts.append(content)
-            size += len(content)
+            size += len(prefix) + len(content)
+            if size > budget and hold and index < last:
+                self._held = frames[index + 1 :]
+                break
         if size <= JOIN_LIMIT:
             self.write(b"".join(parts))
         else:
             self.write_many(parts)
+        if self._held and self.state is not CLOSED:
+            if not self._paused:
+                self._pause_reading()
+            if self._out_size <= self.limits.low_water:
+                self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        if self._held is None:
+            super()._resume_reading()
+        elif not self._held_due:  # answer those first; reading stays paused until then
+            self._held_due = True
+            self.loop.call_soon(self._answer_held)
+
+    def _answer_held(self) -> None:
+        frames, self._held, self._held_due = self._held, None, False
+        if self.state is CLOSED or not frames:
+            return
+        self._answer(frames)
+        if self._held is None and self._paused and self._out_size <= self.limits.low_water:
+            super()._resume_reading()
 
     def partial_input(self) -> bool:
         return self.decoder.has_partial
@@ -527,7 +566,7 @@ class TLSConnectionMixin:
 
     def _resume_reading(self) -> None:
         super()._resume_reading()  # type: ignore[misc]
-        if self.state is not CLOSED and self.sock.pending():
+        if self.state is not CLOSED and not self._paused and self.sock.pending():
             self.loop.call_soon(self._on_events, EVENT_READ)
 
     def _shutdown_write(self) -> None:
