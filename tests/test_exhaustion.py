@@ -140,7 +140,11 @@ def test_out_of_descriptors_pauses_accepting_without_spinning(serve) -> None:
     server = serve(nofile=(32, 32))
     clients = open_clients(server.port, 45)
     try:
-        served = [c for c in clients if answered(c, b"first", 0.5 if c is clients[0] else 0.05)]
+        for sock in clients:
+            sock.sendall(encode_frame(Frame.binary(b"first")))
+        # Accepted connections answer within the window; the rest cannot.
+        window_ends = time.monotonic() + 2.0
+        served = [c for c in clients if wait_answer(c, b"first", max(0.05, window_ends - time.monotonic()))]
         waiting = [c for c in clients if c not in served]
         # Some were accepted, the rest wait in the backlog: the limit was hit.
         assert 10 <= len(served) < 32 and waiting

@@ -910,7 +910,7 @@ def _run_workers(options: BenchOptions, port: int, server: EmbeddedServer | None
             raise BenchError(f"{len(waiting)} worker processes did not get ready in time")
         for channel in ready:
             slot = waiting.pop(channel)
-            kind, detail = _receive(channel, slot)
+            kind, detail = _receive(channel)
             if kind != "ready":
                 raise BenchError(detail if kind == "failed" else f"worker {slot + 1} failed: {detail}")
 
@@ -918,7 +918,10 @@ def _run_workers(options: BenchOptions, port: int, server: EmbeddedServer | None
     t_measure = start + options.warmup
     t_end = t_measure + options.duration
     for channel in channels:
-        channel.send(("go", start, options.warmup, options.duration))
+        try:
+            channel.send(("go", start, options.warmup, options.duration))
+        except OSError:
+            pass  # it died since it said ready: its report reads as a crash below
     progress = _Progress(progress_stream, counts, start, options.warmup, options.duration)
     cpu_start = cpu_end = None
     reports: dict[int, tuple[str, Any]] = {}
@@ -939,7 +942,7 @@ def _run_workers(options: BenchOptions, port: int, server: EmbeddedServer | None
                        t_measure if now < t_measure else t_end if now < t_end else hard_deadline)
             for channel in wait_pipes(list(waiting), timeout=max(0.0, wake - now)):
                 slot = waiting.pop(channel)
-                reports[slot] = _receive(channel, slot)
+                reports[slot] = _receive(channel)
     finally:
         progress.clear()
     if server is not None and cpu_end is None and cpu_start is not None:
@@ -976,7 +979,7 @@ def _run_workers(options: BenchOptions, port: int, server: EmbeddedServer | None
     )
 
 
-def _receive(channel: Pipe, slot: int) -> tuple[str, Any]:
+def _receive(channel: Pipe) -> tuple[str, Any]:
     """One message from a worker; a dead worker reads as ("crashed", why)."""
     try:
         return channel.recv()

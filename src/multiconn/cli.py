@@ -1,4 +1,4 @@
-"""The ``multiconn`` command line: ``serve`` and ``request``.
+"""The ``multiconn`` command line: ``serve``, ``request`` and ``bench``.
 
 Errors a user can cause (a bad flag, a busy port, a refused connection, an
 error frame) end in one readable line on stderr and a non-zero exit status,

@@ -36,7 +36,7 @@ from .protocol import DEFAULT_MAX_CONTENT, Frame, FrameDecoder, encode_frame, en
 
 __all__ = ["Client", "connect", "MultiClient", "Response"]
 
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 64 * 1024
 DEFAULT_TIMEOUT = 10.0
 
 

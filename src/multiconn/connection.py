@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("multiconn.connection")
 
 #: Bytes asked of one ``recv``.
-RECV_SIZE = 256 * 1024
+RECV_SIZE = 64 * 1024
 #: Responses of one read up to this size are joined into one buffer for one send.
 JOIN_LIMIT = 64 * 1024
 #: Buffers handed to one ``sendmsg`` (IOV_MAX is 1024 on Linux).
