@@ -375,7 +375,7 @@ def _format_peer(peer: Any) -> str:
 class FramedConnection(Connection):
     """Speaks the framed protocol: decode, answer every frame in order, report errors."""
 
-    __slots__ = ("decoder", "frame_started", "_held", "_held_due")
+    __slots__ = ("decoder", "frame_started", "_held", "_held_due", "_held_error")
 
     def __init__(self, sock: socket.socket, server: "Server") -> None:
         self.decoder = FrameDecoder(server.limits.max_content)
@@ -384,6 +384,7 @@ class FramedConnection(Connection):
         # them already filled the output past the high-water mark.
         self._held: list[Frame] | None = None
         self._held_due = False  # answering them is scheduled
+        self._held_error: Frame | None = None  # a fatal error frame to send after them
         super().__init__(sock, server)
 
     def _read_once(self) -> bool:
@@ -411,11 +412,14 @@ class FramedConnection(Connection):
         try:
             frames = self.decoder.feed(data)
         except ProtocolError as exc:
-            if exc.frames:  # type: ignore[attr-defined]
-                # All at once, whatever the high-water mark: the error frame must follow them.
-                self._answer(exc.frames, hold=False)  # type: ignore[attr-defined]
             log.debug("%s: protocol error %s", self, exc)
-            self.fail(Frame.error(exc.code, exc.message, id=exc.request_id))
+            error = Frame.error(exc.code, exc.message, id=exc.request_id)
+            if exc.frames:  # type: ignore[attr-defined]
+                self._answer(exc.frames)  # type: ignore[attr-defined]
+            if self._held is not None:
+                self._held_error = error  # its place is after the held answers
+            else:
+                self.fail(error)
             return
         self._handle(frames)
 
@@ -428,7 +432,7 @@ class FramedConnection(Connection):
         else:
             self.frame_started = None
 
-    def _answer(self, frames: list[Frame], hold: bool = True) -> None:
+    def _answer(self, frames: list[Frame]) -> None:
         """Answer `frames` in order with one send; past the high-water mark, hold the rest.
 
         Holding keeps a peer whose small requests have large answers from
@@ -447,7 +451,7 @@ class FramedConnection(Connection):
             parts.append(prefix)
             parts.append(content)
             size += len(prefix) + len(content)
-            if size > budget and hold and index < last:
+            if size > budget and index < last:
                 self._held = frames[index + 1 :]
                 break
         if size <= JOIN_LIMIT:
@@ -472,7 +476,12 @@ class FramedConnection(Connection):
         if self.state is CLOSED or not frames:
             return
         self._answer(frames)
-        if self._held is None and self._paused and self._out_size <= self.limits.low_water:
+        if self._held is not None:
+            return
+        if self._held_error is not None:
+            error, self._held_error = self._held_error, None
+            self.fail(error)
+        elif self._paused and self._out_size <= self.limits.low_water:
             super()._resume_reading()
 
     def partial_input(self) -> bool:
