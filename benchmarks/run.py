@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Compare multiconn's server with peer servers on framed echo and raw echo.
 
-    pip install -e '.[bench]' && python benchmarks/run.py     # 3 rounds, about 15 minutes
-    python benchmarks/run.py --quick --rounds 1                # smoke test, about 2 minutes
+    pip install -e '.[bench]' && python benchmarks/run.py     # 3 rounds: 12 minutes or more
+    python benchmarks/run.py --quick --rounds 1                # smoke test: 2 minutes or more
     python benchmarks/run.py --servers multiconn,asyncio_protocol --scenarios raw-echo-100x64
 
 Every run starts a fresh server, waits for its port, warms it up with one
@@ -38,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, "peers")
 HOST = "127.0.0.1"
+BENCH = [sys.executable, "-m", "multiconn", "bench"]  # the load generator
 TICK = os.sysconf("SC_CLK_TCK")
 
 QUIET_BUSY_PCT = 30.0   # before a run, wait until both benchmark CPUs are below this...
@@ -114,9 +115,6 @@ def parse_args(argv=None):
                         help="load generator processes (default 1; they share one pinned CPU)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"),
                         help="folder for benchmarks.md/.png/.json (default benchmarks/results)")
-    parser.add_argument("--bench-cmd", default=f"{shlex.quote(sys.executable)} -m multiconn bench",
-                        help="the load generator, a command line taking `multiconn bench`'s flags "
-                             "(default: this interpreter's `-m multiconn bench`)")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = 1.0, 0.5
@@ -292,7 +290,7 @@ def start_server(server, mode, cpu, stderr_path):
 
 def run_bench(args, scenario, port, cpu, duration, warmup):
     """Run the load generator once; return (result dict or None, error text or None)."""
-    cmd = shlex.split(args.bench_cmd) + [
+    cmd = BENCH + [
         "--host", HOST, "--port", str(port), "--connections", str(scenario.connections),
         "--size", str(scenario.size), "--pipeline", str(scenario.pipeline), "--duration", f"{duration:g}",
         "--warmup", f"{warmup:g}", "--mode", scenario.mode, "--processes", str(args.processes), "--json"]
@@ -323,12 +321,11 @@ def run_bench(args, scenario, port, cpu, duration, warmup):
     return result, None
 
 
-def run_one(args, server, scenario, cpus):
+def run_one(args, server, scenario, cpus, quiet_cpus):
     """Fresh server, warmup, measured window.  Returns a record; never leaves the server running."""
     server_cpu, load_cpu = cpus
-    record = {"server": server.name, "scenario": scenario.name, "started": time.time()}
-    if server_cpu is not None:
-        record["busy_before_pct"] = round(wait_for_quiet((server_cpu, load_cpu)), 1)
+    record = {"server": server.name, "scenario": scenario.name, "started": time.time(),
+              "busy_before_pct": round(wait_for_quiet(quiet_cpus), 1)}
     with tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False) as f:
         stderr_path = f.name
     proc = None
@@ -351,16 +348,18 @@ def run_one(args, server, scenario, cpus):
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with status {proc.returncode} during the run")
         server_s, load_s = cpu_after - cpu_before, load_after - load_before
-        requests = result.get("requests") or 0
+        requests, window = result.get("requests") or 0, result.get("duration_s") or args.duration
         record.update(
             wall_s=round(wall, 3), server_cpu_s=round(server_s, 3), load_cpu_s=round(load_s, 3),
-            server_cpu_pct=round(100 * server_s / wall, 1), load_cpu_pct=round(100 * load_s / wall, 1),
+            # per second of the measured window: nearly all of the work falls inside it
+            server_cpu_pct=round(100 * server_s / window, 1), load_cpu_pct=round(100 * load_s / window, 1),
             cpu_us_per_request=round(1e6 * server_s / requests, 2) if requests else None)
-        if server_cpu is not None:  # busy time on the two CPUs that was neither ours nor the server's
-            other = lambda cpu, ours: max(0.0, (busy_after[cpu] - busy_before[cpu]) / TICK - ours)  # noqa: E731
-            record["other_load_server_cpu_pct"] = round(100 * other(server_cpu, server_s) / wall, 1)
-            record["other_load_load_cpu_pct"] = round(100 * other(load_cpu, load_s) / wall, 1)
-    except RuntimeError as exc:
+        if server_cpu is not None:  # busy time on the two CPUs that was neither the server's nor the load's
+            for key, cpu, ours in (("other_load_server_cpu_pct", server_cpu, server_s),
+                                   ("other_load_load_cpu_pct", load_cpu, load_s)):
+                other = (busy_after[cpu] - busy_before[cpu]) / TICK - ours
+                record[key] = round(max(0.0, 100 * other / wall), 1)
+    except (RuntimeError, OSError) as exc:
         record["error"] = str(exc)
         if proc is not None and tail(stderr_path):
             record["server_stderr"] = tail(stderr_path)
@@ -461,9 +460,10 @@ def build_report(args, meta, records, cells):
           "From the moment the load generator queues a request to its complete answer.",
           lambda c, sc: fmt(c["p99"]))
     table("CPU busy %: server / load generator (median; 100 = one core)",
-          "Near 100 for the server: the server is the bottleneck. Near 100 for the load generator "
-          "(a Python program, on one core): the load generator limits the throughput, and the CPU per "
-          "request is the fairer comparison.",
+          "CPU seconds used during the measured run ÷ its measured seconds (the load generator's "
+          "figure includes its start-up, about 0.15 s of CPU). Near 100 for the server: the server is "
+          "the bottleneck. Near 100 for the load generator (a Python program on one core): it limits "
+          "the throughput, and CPU per request is the fairer comparison.",
           lambda c, sc: f"{fmt(c['server_cpu_pct'])} / {fmt(c['load_cpu_pct'])}")
     table("Errors", "Response errors counted by the load generator (summed over rounds), and failed runs.",
           lambda c, sc: str(c["errors"]) + (f" ({c['failed']} of {c['runs']} runs failed)" if c["failed"] else ""))
@@ -506,6 +506,7 @@ def plot(args, meta, cells, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     scenarios, servers = args.scenarios, args.servers
     fig, axes = plt.subplots(2, len(scenarios), figsize=(3.1 * len(scenarios) + 1, 7.2), squeeze=False)
@@ -516,22 +517,27 @@ def plot(args, meta, cells, path):
                                             ("cpu_us", "server CPU µs / request"))):
             ax = axes[row][col]
             values = [cells[(s.name, scenario.name)][key] or 0 for s in servers]
-            bars = ax.bar(xs, values, color=[colors[i % len(colors)] for i in xs])
+            ax.bar(xs, values, color=[colors[i % len(colors)] for i in xs])
+            tops = values
             if key == "throughput":  # the spread over rounds
                 lows = [min(cells[(s.name, scenario.name)]["all_throughput"] or [0]) for s in servers]
-                highs = [max(cells[(s.name, scenario.name)]["all_throughput"] or [0]) for s in servers]
+                tops = [max(cells[(s.name, scenario.name)]["all_throughput"] or [0]) for s in servers]
                 ax.errorbar(xs, values, yerr=[[v - lo for v, lo in zip(values, lows)],
-                                              [hi - v for v, hi in zip(values, highs)]],
+                                              [hi - v for v, hi in zip(values, tops)]],
                             fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
-            ax.bar_label(bars, labels=[fmt(v, 1) if v else "" for v in values], fontsize=6.5, rotation=90,
-                         padding=2)
-            ax.set_ylim(0, max(values + [1]) * 1.3)
+            for x, value, top in zip(xs, values, tops):  # the median, above the bar and its whisker
+                if value:
+                    ax.annotate(fmt(value, 1), (x, max(value, top)), xytext=(0, 3), textcoords="offset points",
+                                ha="center", va="bottom", rotation=90, fontsize=6.5)
+            ax.set_ylim(0, max(tops + values + [1]) * 1.35)
             ax.set_xticks(list(xs), [s.name for s in servers], rotation=55, ha="right", fontsize=7)
             ax.tick_params(axis="y", labelsize=7)
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}"))
             ax.set_ylabel(label, fontsize=8)
             if row == 0:
                 ax.set_title(scenario.name, fontsize=8.5)
-    fig.suptitle(f"Echo servers, median of {args.rounds} round(s): throughput (higher is better, "
+    rounds = f"{args.rounds} rounds" if args.rounds > 1 else "1 round"
+    fig.suptitle(f"Echo servers, median of {rounds}: throughput (higher is better, "
                  f"whiskers min–max) and server CPU per request (lower is better)\n{meta['date']}, "
                  f"{meta['cpus']} CPUs, Python {meta['python']}", fontsize=9.5)
     fig.tight_layout()
@@ -541,10 +547,14 @@ def plot(args, meta, cells, path):
 
 # --- main -----------------------------------------------------------------------------------------
 
+def interrupted(signum, frame):
+    raise KeyboardInterrupt  # so that SIGTERM, like Ctrl-C, runs the finally blocks that stop the servers
+
+
 def main(argv=None):
     args = parse_args(argv)
     command = "python benchmarks/run.py" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))  # run the finally blocks
+    signal.signal(signal.SIGTERM, interrupted)
     notes, versions = [], {}
     for server in list(args.servers):
         if server.requires:
@@ -556,17 +566,17 @@ def main(argv=None):
                 args.servers.remove(server)
     if args.baseline not in [s.name for s in args.servers]:
         notes.append(f"the baseline {args.baseline} was not run, so there are no ratios.")
-    probe = subprocess.run(shlex.split(args.bench_cmd) + ["--help"], cwd=ROOT, capture_output=True, text=True)
+    probe = subprocess.run(BENCH + ["--help"], cwd=ROOT, capture_output=True, text=True)
     if probe.returncode != 0:
-        raise SystemExit(f"the load generator does not run: `{args.bench_cmd} --help` exited with "
-                         f"{probe.returncode}: {probe.stderr.strip()[-300:]}")
+        raise SystemExit(f"`multiconn bench` does not run (exit status {probe.returncode}): "
+                         f"{probe.stderr.strip()[-300:]}\nInstall the project first: pip install -e '.[bench]'")
     raise_nofile_limit()
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) >= 2:
-        cpus = (allowed[0], allowed[1])
+        cpus = quiet_cpus = (allowed[0], allowed[1])
         pinning = f"Server pinned to CPU {cpus[0]}, load generator to CPU {cpus[1]} (sched_setaffinity)."
     else:
-        cpus = (None, None)
+        cpus, quiet_cpus = (None, None), allowed
         pinning = "Not pinned: only one CPU is available, so the server and the load generator share it."
     import multiconn
     started = datetime.datetime.now().astimezone()
@@ -576,7 +586,7 @@ def main(argv=None):
             "date": started.strftime("%Y-%m-%d %H:%M %Z")}
     plan = [(rnd, scenario, server) for rnd in range(args.rounds) for scenario in args.scenarios
             for server in args.servers[rnd % len(args.servers):] + args.servers[:rnd % len(args.servers)]]
-    per_run = 1.5 + args.warmup + args.duration
+    per_run = 2.0 + args.warmup + args.duration
     log(f"{len(args.servers)} servers x {len(args.scenarios)} scenarios x {args.rounds} rounds = {len(plan)} runs, "
         f"about {len(plan) * per_run / 60:.0f} min. {pinning}")
     for note in notes:
@@ -584,7 +594,7 @@ def main(argv=None):
     records = []
     try:
         for i, (rnd, scenario, server) in enumerate(plan, 1):
-            record = run_one(args, server, scenario, cpus)
+            record = run_one(args, server, scenario, cpus, quiet_cpus)
             record["round"] = rnd
             records.append(record)
             if "error" in record:

@@ -100,7 +100,8 @@ class FrameDecoder:
                 end = pos + self._header["content-length"]
                 if len(buf) < end:
                     break
-                frames.append((self._header, bytes(buf[pos:end])))
+                with memoryview(buf) as view:  # one copy, not two as bytes(buf[pos:end]) makes
+                    frames.append((self._header, view[pos:end].tobytes()))
                 self._header = None
                 pos = end
         except FrameError as exc:
