@@ -22,6 +22,7 @@ Lifecycle::
     OPEN --EOF / drain--> FINISHING (answer what is complete, flush, close)
     OPEN --fatal protocol error--> FAILED (flush the error frame, shut down
          writing, discard input until EOF or `error_linger`, close)
+    FAILED --EOF before the error frame is out--> FINISHING
     any --reset / timeout / abort--> CLOSED
 
 Timeouts are not timers per connection: the server sweeps its connections a few
@@ -129,14 +130,17 @@ class Connection:
         return False
 
     def _on_eof(self) -> None:
-        if self.state is FAILED:
+        if self.state is FAILED and not self._out:
+            # The error frame is out and our sending side shut down: done.
             self.close("peer closed after error")
         else:
+            # Answers (and maybe an error frame) may still be queued: the peer
+            # only closed its sending side, so stop reading and flush them first.
             self._finish("peer closed its sending side")
 
     def _finish(self, reason: str) -> None:
         """No more input will be handled: flush what is pending, then close."""
-        if self.state is not OPEN:
+        if self.state is not OPEN and self.state is not FAILED:
             return
         self.state = FINISHING
         log.debug("%s: finishing (%s)", self, reason)
