@@ -6,11 +6,11 @@ Usage::
     python scripts/soak.py [--duration SECONDS] [--json] [--seed N]
 
 It starts ``python -m multiconn serve --port 0 --app echo --log-level info
---idle-timeout 30`` in a subprocess, reads its port from the INFO line
-``listening on 127.0.0.1:PORT (app ...)`` (a thread keeps draining stderr and
-keeps every line), waits a second, records the server's resident memory and
-open descriptor count, and then, for the duration, runs five kinds of clients
-at once against it, over 127.0.0.1 only:
+--idle-timeout 30`` in a subprocess (`multiconn.testing.ServerProcess`: its
+port read from the INFO line ``listening on 127.0.0.1:PORT (app ...)``, a
+thread draining stderr and keeping every line), waits a second, records the
+server's resident memory and open descriptor count, and then, for the
+duration, runs five kinds of clients at once against it, over 127.0.0.1 only:
 
 churn
     short connections: connect, 1-3 requests (random id, random binary or
@@ -80,9 +80,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # the server's process helpers from this checkout
+
+from multiconn.errors import ServerStartError  # noqa: E402
+from multiconn.testing import ServerProcess  # noqa: E402
 HOST = "127.0.0.1"
-LISTENING = re.compile(r" INFO multiconn\.server: listening on 127\.0\.0\.1:(\d+) \(app ")
-SERVER_ARGS = ["serve", "--port", "0", "--app", "echo", "--log-level", "info", "--idle-timeout", "30"]
+SERVER_ARGS = ["--app", "echo", "--log-level", "info", "--idle-timeout", "30"]
 START_DEADLINE = 15.0  # for the server's "listening" line
 SETTLE = 1.0  # idle time before the baseline is taken
 FD_WAIT = 10.0  # for the descriptors to come back after the load
@@ -861,90 +864,18 @@ def _death_signal() -> Callable[[], None] | None:
     return preexec
 
 
-class ServerProcess:
-    """``multiconn serve`` in a subprocess of its own session (Ctrl-C is ours to handle)."""
+def start_server() -> ServerProcess:
+    """``multiconn serve`` from this checkout, in a session of its own (Ctrl-C is ours to handle)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    env["PYTHONIOENCODING"] = "utf-8"
+    server = ServerProcess(*SERVER_ARGS, env=env, start_new_session=True, preexec_fn=_death_signal())
+    return server.start(START_DEADLINE)
 
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.port: int | None = None
-        self._started = threading.Event()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
-        env["PYTHONIOENCODING"] = "utf-8"
-        self.command = [sys.executable, "-m", "multiconn", *SERVER_ARGS]
-        self.proc = subprocess.Popen(
-            self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=env, start_new_session=True, preexec_fn=_death_signal(),
-        )
-        self.pid = self.proc.pid
-        self._reader = threading.Thread(target=self._read_stderr, name="server-stderr", daemon=True)
-        self._reader.start()
-        if not self._started.wait(START_DEADLINE) or self.port is None:
-            raise RuntimeError(f"the server did not report listening within {START_DEADLINE:g} s:\n"
-                               + "\n".join(self.lines))
 
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        try:
-            for raw in self.proc.stderr:
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                self.lines.append(line)
-                if self.port is None:
-                    match = LISTENING.search(line)
-                    if match:
-                        self.port = int(match.group(1))
-                        self._started.set()
-        except (OSError, ValueError):
-            pass
-        finally:
-            self._started.set()
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def rss_mib(self) -> float | None:
-        try:
-            with open(f"/proc/{self.pid}/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return None
-
-    def fds(self) -> int | None:
-        try:
-            return len(os.listdir(f"/proc/{self.pid}/fd"))
-        except OSError:
-            return None
-
-    def cpu_seconds(self) -> float | None:
-        try:
-            with open(f"/proc/{self.pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return None
-
-    def terminate(self, timeout: float) -> int | None:
-        """SIGTERM, then the exit status (None if it did not exit in time)."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-        self._reader.join(5)
-        return code
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(10)
-        finally:
-            self._reader.join(5)
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
+def rss_mib(server: ServerProcess) -> float | None:
+    rss = server.rss_bytes()
+    return None if rss is None else rss / (1 << 20)
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -979,9 +910,9 @@ class Soak:
         self.failures: list[str] = []
 
     def run(self) -> dict[str, Any]:
-        server = self.server = ServerProcess()
+        server = self.server = start_server()
         time.sleep(SETTLE)
-        rss_base, fds_base, cpu_base = server.rss_mib(), server.fds(), server.cpu_seconds()
+        rss_base, fds_base, cpu_base = rss_mib(server), server.open_fds(), server.cpu_seconds()
         if rss_base is None or fds_base is None:
             raise RuntimeError("cannot read /proc for the server (Linux only)")
         timeline: list[tuple[float, float, int]] = []
@@ -1028,7 +959,7 @@ class Soak:
             now = time.monotonic()
             if now - last_sample >= 1.0:
                 last_sample = now
-                rss, fds = server.rss_mib(), server.fds()
+                rss, fds = rss_mib(server), server.open_fds()
                 if rss is not None and fds is not None:
                     rss_peak, fds_peak = max(rss_peak, rss), max(fds_peak, fds)
                     timeline.append((round(now - started, 1), round(rss, 2), fds))
@@ -1046,20 +977,21 @@ class Soak:
             worker.join(10)
 
         # The load has stopped: descriptors must come back, memory must not have run away.
-        fds_end = server.fds()
+        fds_end = server.open_fds()
         waited_until = time.monotonic() + FD_WAIT
         while server.alive() and (fds_end is None or fds_end > fds_base) and time.monotonic() < waited_until:
             time.sleep(0.1)
-            fds_end = server.fds()
-        rss_end = server.rss_mib()
+            fds_end = server.open_fds()
+        rss_end = rss_mib(server)
         cpu_end = server.cpu_seconds()
+        exit_code: int | None = server.proc.returncode
         if server.alive():
-            exit_code = server.terminate(EXIT_WAIT)
-            if exit_code is None:
+            server.signal(signal.SIGTERM)
+            try:
+                exit_code = server.wait(EXIT_WAIT)
+            except subprocess.TimeoutExpired:
                 self.failures.append(f"the server did not exit within {EXIT_WAIT:g} s of SIGTERM")
-        else:
-            exit_code = server.proc.returncode
-        server.close()
+        server.stop(0)
         return self.report(stats, load_seconds, rss_base, rss_end, rss_peak, fds_base, fds_end,
                            fds_peak, timeline, exit_code,
                            None if cpu_end is None or cpu_base is None else cpu_end - cpu_base)
@@ -1161,7 +1093,7 @@ class Soak:
                 worker.kill()
                 worker.join(5)
         if self.server is not None:
-            self.server.close()
+            self.server.stop(0)
 
 
 def format_summary(r: dict[str, Any]) -> str:
@@ -1217,7 +1149,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("soak: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as exc:
+    except (RuntimeError, ServerStartError) as exc:
         print(f"soak: {exc}", file=sys.stderr)
         return 1
     finally:

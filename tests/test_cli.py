@@ -1,23 +1,20 @@
 """Tests of the ``multiconn`` command line, run as real subprocesses.
 
 Every CLI run is ``[sys.executable, "-m", "multiconn", ...]``. Servers are
-started with ``serve --port 0 --log-level info`` and their port is read from
-the INFO line ``listening on 127.0.0.1:PORT (app ...)`` on stderr. A reader
-thread keeps draining stderr so a chatty server can never block on a full
-pipe. Every process is killed and waited for in a fixture finalizer, even when
-a test fails.
+`multiconn.testing.ServerProcess` (``serve --port 0``, its port read from the
+INFO line ``listening on 127.0.0.1:PORT (app ...)`` on stderr, stderr drained
+by a thread so a chatty server never blocks on a full pipe). Every process is
+stopped and waited for by a fixture, even when a test fails.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,10 +22,10 @@ from typing import Any, Iterator
 import pytest
 
 from multiconn import connect
+from multiconn.errors import ServerStartError
 from multiconn.protocol import Frame, FrameDecoder, encode_frame, encode_frames
+from multiconn.testing import ServerProcess
 
-LISTENING = re.compile(r" INFO multiconn\.server: listening on 127\.0\.0\.1:(\d+) \(app ")
-START_DEADLINE = 10.0
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -62,76 +59,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class ServeProcess:
-    """``multiconn serve --port 0 --log-level info ARGS`` in a subprocess."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.lines: list[str] = []
-        self.port: int | None = None
-        self._started = threading.Event()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "multiconn", "serve", "--port", "0", "--log-level", "info", *args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            env=env or cli_env(),
-        )
-        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
-        self._reader.start()
-        if not self._started.wait(START_DEADLINE) or self.port is None:
-            self.stop()
-            raise AssertionError(f"server did not report listening within {START_DEADLINE} s:\n{self.stderr}")
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        try:
-            for raw in self.proc.stderr:
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                self.lines.append(line)
-                if self.port is None:
-                    match = LISTENING.search(line)
-                    if match:
-                        self.port = int(match.group(1))
-                        self._started.set()
-        finally:
-            self._started.set()  # EOF before the line: stop waiting
-
-    @property
-    def stderr(self) -> str:
-        return "\n".join(self.lines)
-
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float) -> int:
-        """Wait for exit and for all of stderr to be read; returns the exit code."""
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
-
-    def stop(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait(10)
-        finally:
-            self._reader.join(5)
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
-
-
 @pytest.fixture
-def serve() -> Iterator[Any]:
-    processes: list[ServeProcess] = []
-
-    def start(*args: str, env: dict[str, str] | None = None) -> ServeProcess:
-        process = ServeProcess(*args, env=env)
-        processes.append(process)
-        return process
-
-    try:
-        yield start
-    finally:
-        for process in processes:
-            process.stop()
+def serve(serve: Any) -> Any:
+    """The shared fixture (conftest.py), with the CLI tests' environment by default."""
+    def start(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+        return serve(*args, env=env or cli_env())
+    return start
 
 
 APPS_MODULE = '''
@@ -238,13 +171,9 @@ def assert_no_traceback(text: str) -> None:
 
 @pytest.fixture(scope="module")
 def search_port() -> Iterator[int]:
-    process = ServeProcess()  # default app: search
-    try:
-        assert process.port is not None
+    with ServerProcess(env=cli_env()) as process:  # default app: search
         assert "(app search)" in process.stderr
         yield process.port
-    finally:
-        process.stop()
 
 
 @pytest.mark.parametrize(
@@ -305,6 +234,14 @@ def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == "multiconn 0.1.0"
+
+
+def test_server_process_says_why_a_server_did_not_start() -> None:
+    server = ServerProcess("--app", "nosuchapp", env=cli_env())
+    with pytest.raises(ServerStartError, match=r"exited with status 2 at start: .*nosuchapp"):
+        server.start()
+    assert not server.alive()
+    assert server.stop() == 2  # already stopped: says how it ended
 
 
 @pytest.mark.parametrize(

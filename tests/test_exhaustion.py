@@ -6,90 +6,25 @@ These run the real `multiconn serve` in a subprocess so that its limits
 
 from __future__ import annotations
 
-import os
 import resource
 import socket
-import subprocess
-import sys
-import threading
 import time
-from typing import Iterator
+from typing import Any
 
 import pytest
 
 from multiconn import Frame, FrameDecoder, encode_frame
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-class ServeProcess:
-    """`multiconn serve` in a subprocess, with its stderr collected in the background."""
-
-    def __init__(self, *args: str, nofile: tuple[int, int] | None = None) -> None:
-        def limit_files() -> None:
-            if nofile is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
-
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "multiconn", "serve", "--port", "0", "--app", "echo", *args],
-            stderr=subprocess.PIPE, text=True, preexec_fn=limit_files,
-        )
-        self.lines: list[str] = []
-        first = self.proc.stderr.readline()
-        self.lines.append(first)
-        assert "listening on 127.0.0.1:" in first, first
-        self.port = int(first.split("127.0.0.1:")[1].split()[0])
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.lines)
-
-    def cpu_seconds(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
-
-    def open_fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        self.proc.stderr.close()
-        return self.proc.returncode
+from multiconn.testing import ServerProcess
 
 
 @pytest.fixture
-def serve() -> Iterator:
-    started: list[ServeProcess] = []
-
-    def start(*args: str, nofile: tuple[int, int] | None = None) -> ServeProcess:
-        server = ServeProcess(*args, nofile=nofile)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+def serve(serve: Any) -> Any:
+    """The shared fixture (conftest.py), optionally with the server's RLIMIT_NOFILE set."""
+    def start(*args: str, nofile: tuple[int, int] | None = None) -> ServerProcess:
+        def limit_files() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+        return serve("--app", "echo", *args, preexec_fn=limit_files if nofile else None)
+    return start
 
 
 def open_clients(port: int, count: int) -> list[socket.socket]:
@@ -167,10 +102,8 @@ def test_out_of_descriptors_pauses_accepting_without_spinning(serve) -> None:
         # sent long ago, are answered.
         close_all(served[5:])
         assert all(wait_answer(c, b"first", 5) for c in waiting[: len(served) - 8])
-        deadline = time.monotonic() + 3  # the log line may still be in the pipe
-        while not any("accepting again" in line for line in server.lines) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert any("accepting again" in line for line in server.lines), server.stderr
+        # The log line may still be in the pipe.
+        assert server.wait_for_line("accepting again", 3), server.stderr
     finally:
         close_all(clients)
     assert server.stop() == 0

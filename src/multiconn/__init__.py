@@ -15,6 +15,7 @@ from .errors import (
     ErrorResponse,
     MulticonnError,
     ProtocolError,
+    ServerStartError,
     Timeout,
     TLSError,
 )
@@ -28,6 +29,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AppLoadError", "CertificateVerificationError", "Client", "ConnectionClosed", "ConnectionFailed", "ErrorCode",
     "ErrorResponse", "EventLoop", "Frame", "FrameDecoder", "Limits", "MultiClient",
-    "MulticonnError", "ProtocolError", "Response", "Server", "Timeout", "TLSError", "connect",
+    "MulticonnError", "ProtocolError", "Response", "Server", "ServerStartError", "Timeout", "TLSError", "connect",
     "echo", "encode_frame", "encode_frames", "load_app", "raw_echo", "search",
 ]

@@ -55,11 +55,9 @@ import math
 import multiprocessing
 import os
 import random
-import re
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -71,10 +69,11 @@ from multiprocessing.connection import Connection as Pipe
 from multiprocessing.connection import wait as wait_pipes
 from typing import Any, Sequence, TextIO
 
-from .errors import ProtocolError
+from .errors import ProtocolError, ServerStartError
 from .protocol import DEFAULT_MAX_CONTENT, FrameDecoder, encode_header
+from .testing import ServerProcess
 
-__all__ = ["BenchError", "BenchOptions", "BenchResult", "EmbeddedServer", "run"]
+__all__ = ["BenchError", "BenchOptions", "BenchResult", "run"]
 
 MODES = ("framed", "raw")
 CONTENT_TYPE = "binary/octet-stream"
@@ -100,9 +99,6 @@ WORKER_REPORT_GRACE = 10.0
 PROGRESS_INTERVAL = 0.5
 #: A worker publishes its progress and checks timeouts this often.
 HOUSEKEEPING_INTERVAL = 0.1
-
-# The embedded server's start line: "listening on 127.0.0.1:PORT (app echo)".
-_LISTENING = re.compile(r"listening on (\S+):(\d+) \(app ")
 
 
 class BenchError(Exception):
@@ -148,94 +144,14 @@ class BenchOptions:
 # -- the embedded server --------------------------------------------------
 
 
-class EmbeddedServer:
-    """``multiconn serve --port 0`` in a subprocess, with its port and CPU time.
-
-    Its stderr is read by a thread for as long as it runs (a full pipe would
-    block the server); the last lines are kept to explain a failed start.
-    """
-
-    def __init__(self, host: str, app: str, max_content: int = DEFAULT_MAX_CONTENT) -> None:
-        self.command = [
-            sys.executable, "-m", "multiconn", "serve", "--host", host, "--port", "0",
-            "--app", app, "--max-content", str(max_content), "--log-level", "info",
-        ]
-        self.process: subprocess.Popen[bytes] | None = None
-        self.port: int | None = None
-        self.tail: deque[str] = deque(maxlen=20)
-        self._ready = threading.Event()
-        self._reader: threading.Thread | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
-
-    def start(self, timeout: float = SERVER_START_TIMEOUT) -> int:
-        """Start the server and return its port; raises `BenchError`."""
-        try:
-            self.process = subprocess.Popen(
-                self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            )
-        except OSError as exc:
-            raise BenchError(f"cannot start the server ({self.command[0]}): {exc.strerror or exc}") from None
-        self._reader = threading.Thread(target=self._read_stderr, name="bench-server-stderr", daemon=True)
-        self._reader.start()
-        self._ready.wait(timeout)
-        if self.port is None:
-            status = self.process.poll()
-            last = self.tail[-1] if self.tail else "no output"
-            if status is None:
-                raise BenchError(f"the server did not report its port within {timeout:g} s ({last})")
-            raise BenchError(f"the server exited with status {status} at start: {last}")
-        return self.port
-
-    def _read_stderr(self) -> None:
-        assert self.process is not None and self.process.stderr is not None
-        for raw in self.process.stderr:
-            line = raw.decode("utf-8", errors="replace").rstrip()
-            self.tail.append(line)
-            if self.port is None:
-                match = _LISTENING.search(line)
-                if match:
-                    self.port = int(match.group(2))
-                    self._ready.set()
-        self._ready.set()  # EOF: it exited; start() reports why
-
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time the server has used so far (Linux), else None."""
-        return process_cpu_seconds(self.pid) if self.pid is not None else None
-
-    def stop(self) -> None:
-        """SIGTERM, wait up to `SERVER_STOP_TIMEOUT`, then SIGKILL; idempotent."""
-        process = self.process
-        if process is None:
-            return
-        try:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(SERVER_STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-        finally:
-            if self._reader is not None:
-                self._reader.join(1.0)
-            if process.stderr is not None:
-                process.stderr.close()
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """utime + stime of `pid` from /proc/PID/stat, in seconds; None where unavailable."""
+def start_embedded_server(host: str, app: str, max_content: int) -> ServerProcess:
+    """``multiconn serve --port 0`` in a subprocess; raises `BenchError`."""
+    server = ServerProcess("--host", host, "--app", app, "--max-content", str(max_content),
+                           "--log-level", "info")
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            text = stat.read()
-    except OSError:
-        return None
-    # Fields after the parenthesised command (which may hold spaces): state is
-    # field 3, utime and stime are fields 14 and 15.
-    fields = text[text.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return server.start(SERVER_START_TIMEOUT)
+    except ServerStartError as exc:
+        raise BenchError(str(exc)) from None
 
 
 # -- the worker -----------------------------------------------------------
@@ -854,14 +770,14 @@ def run(options: BenchOptions, *, progress: TextIO | None = None) -> BenchResult
     options.validate()
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
-    server: EmbeddedServer | None = None
+    server: ServerProcess | None = None
     processes: list[multiprocessing.process.BaseProcess] = []
     try:
         port = options.port
         if port is None:
             app = "echo" if options.mode == "framed" else "raw-echo"
-            server = EmbeddedServer(options.host, app, max(DEFAULT_MAX_CONTENT, options.size))
-            port = server.start()
+            server = start_embedded_server(options.host, app, max(DEFAULT_MAX_CONTENT, options.size))
+            port = server.port
         return _run_workers(options, port, server, processes, progress)
     finally:
         try:
@@ -875,12 +791,12 @@ def run(options: BenchOptions, *, progress: TextIO | None = None) -> BenchResult
                     process.join()
         finally:
             if server is not None:
-                server.stop()
+                server.stop(SERVER_STOP_TIMEOUT)
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
 
 
-def _run_workers(options: BenchOptions, port: int, server: EmbeddedServer | None,
+def _run_workers(options: BenchOptions, port: int, server: ServerProcess | None,
                  processes: list[Any], progress_stream: TextIO | None) -> BenchResult:
     family, address = _resolve(options.host, port)
     target = f"[{options.host}]:{port}" if ":" in options.host else f"{options.host}:{port}"

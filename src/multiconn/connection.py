@@ -106,21 +106,29 @@ class Connection:
 
     def _read_once(self) -> bool:
         """One ``recv``; False when the kernel had nothing or the connection ended."""
-        try:
-            data = self.sock.recv(RECV_SIZE)
-        except WOULD_BLOCK:
+        data = self._receive(self.sock.recv, RECV_SIZE)
+        if data is None:
             return False
+        if self.state is not FAILED:  # failed: discard until EOF, so the error frame is not lost to a reset
+            self.data_received(data)
+        return True
+
+    def _receive(self, recv: Any, arg: Any) -> Any:
+        """``recv(arg)`` (``recv`` or ``recv_into``): its result, or None when
+        there is nothing to handle: the kernel had nothing, or EOF or an error
+        (both acted on here)."""
+        try:
+            result = recv(arg)
+        except WOULD_BLOCK:
+            return None
         except OSError as exc:
             self.close(f"recv failed: {exc}")
-            return False
+            return None
         self.last_activity = self.loop.now
-        if not data:
+        if not result:
             self._on_eof()
-            return False
-        if self.state is FAILED:
-            return True  # discarding until EOF so the error frame is not lost to a reset
-        self.data_received(data)
-        return True
+            return None
+        return result
 
     def data_received(self, data: bytes) -> None:
         raise NotImplementedError
@@ -397,17 +405,10 @@ class FramedConnection(Connection):
             return super()._read_once()
         # A large content: receive it in place, never past the frame's end.
         try:
-            received = self.sock.recv_into(view)
-        except WOULD_BLOCK:
-            return False
-        except OSError as exc:
-            self.close(f"recv failed: {exc}")
-            return False
+            received = self._receive(self.sock.recv_into, view)
         finally:
             view.release()
-        self.last_activity = self.loop.now
-        if not received:
-            self._on_eof()
+        if received is None:
             return False
         self._handle(self.decoder.buffer_updated(received))
         return True

@@ -74,3 +74,7 @@ class Timeout(MulticonnError, TimeoutError):
 
 class AppLoadError(MulticonnError):
     """An application given as ``package.module:attr`` could not be loaded."""
+
+
+class ServerStartError(MulticonnError):
+    """A ``multiconn serve`` subprocess exited or stayed silent instead of listening."""
