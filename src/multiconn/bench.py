@@ -586,7 +586,7 @@ def _worker_main(plan: _WorkerPlan, channel: Pipe, progress: Any) -> None:
         try:
             channel.send(("crashed", f"{type(exc).__name__}: {exc}"))
         except OSError:
-            pass
+            pass  # the parent is gone too; it reports a worker that never answered
 
 
 # -- the parent -----------------------------------------------------------

@@ -331,7 +331,7 @@ class Connection:
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            pass
+            pass  # already reset by the peer: the next read or the linger timer closes it
 
     def close(self, reason: str = "closed") -> None:
         """Unregister and close the socket; runs once."""
@@ -568,7 +568,7 @@ class TLSConnectionMixin:
         try:
             self.sock.shutdown(socket.SHUT_WR)  # also drops the SSL object: plain reads from here
         except OSError:
-            pass
+            pass  # already reset by the peer: the next read or the linger timer closes it
         self.loop.call_later(self.limits.error_linger, self.close, "error linger over")
         self._set_interest(EVENT_READ)
 
