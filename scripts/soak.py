@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import math
 import multiprocessing
@@ -77,7 +78,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # the server's process helpers from this checkout
@@ -562,11 +563,21 @@ class Load:
         if delay > 0:
             time.sleep(min(delay, max(0.0, self.deadline - time.monotonic())))
 
-    def socket(self) -> socket.socket:
+    @contextlib.contextmanager
+    def connection(self, stats: Stats, role: str) -> Iterator[socket.socket]:
+        """A fresh client socket (not yet connected) for one connection of
+        `role`: counted, always closed; a failure is counted, not raised, so
+        the client thread goes on with its next connection."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.settimeout(IO_TIMEOUT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        try:
+            sock.settimeout(IO_TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            stats.connection(role)
+            yield sock
+        except Exception as exc:
+            stats.failed(role, exc)
+        finally:
+            sock.close()
 
 
 def send_in_pieces(sock: socket.socket, data: bytes, pieces: int, rng: random.Random,
@@ -598,9 +609,7 @@ def finish(sock: socket.socket, reader: Reader, rng: random.Random) -> None:
 
 def churn_thread(load: Load, stats: Stats, rng: random.Random) -> None:
     while load.running():
-        sock = load.socket()
-        try:
-            stats.connection("churn")
+        with load.connection(stats, "churn") as sock:
             requests = [random_request(rng) for _ in range(rng.randint(1, 3))]
             started = time.perf_counter()
             sock.connect(load.address)
@@ -614,18 +623,12 @@ def churn_thread(load: Load, stats: Stats, rng: random.Random) -> None:
                     stats.connect.append(connected - started)
                     stats.accept.append(time.perf_counter() - started)
             finish(sock, reader, rng)
-        except Exception as exc:
-            stats.failed("churn", exc)
-        finally:
-            sock.close()
 
 
 def pipeline_thread(load: Load, stats: Stats, rng: random.Random) -> None:
     """One long-lived connection (reopened only after a failure)."""
     while load.running():
-        sock = load.socket()
-        try:
-            stats.connection("pipeline")
+        with load.connection(stats, "pipeline") as sock:
             sock.connect(load.address)
             reader = Reader(sock)
             next_id = rng.randint(0, 10**6)
@@ -648,17 +651,11 @@ def pipeline_thread(load: Load, stats: Stats, rng: random.Random) -> None:
                 load.pause(PIPELINE_PAUSE, rng)
             sock.shutdown(socket.SHUT_WR)
             reader.eof()
-        except Exception as exc:
-            stats.failed("pipeline", exc)
-        finally:
-            sock.close()
 
 
 def garbage_thread(load: Load, stats: Stats, rng: random.Random) -> None:
     while load.running():
-        sock = load.socket()
-        try:
-            stats.connection("garbage")
+        with load.connection(stats, "garbage") as sock:
             sock.connect(load.address)
             reader = Reader(sock)
             before = [random_request(rng, rng.choice((0, 256, 4096))) for _ in range(rng.randint(0, 3))]
@@ -703,18 +700,12 @@ def garbage_thread(load: Load, stats: Stats, rng: random.Random) -> None:
                     stats.counts["sent"] += len(after)
                     exchange(sock, reader, after, stats)
                     finish(sock, reader, rng)
-        except Exception as exc:
-            stats.failed("garbage", exc)
-        finally:
-            sock.close()
         load.pause(GARBAGE_PAUSE, rng)
 
 
 def reset_thread(load: Load, stats: Stats, rng: random.Random) -> None:
     while load.running():
-        sock = load.socket()
-        try:
-            stats.connection("reset")
+        with load.connection(stats, "reset") as sock:
             sock.connect(load.address)
             case = rng.choice(("at once", "half a frame", "pipeline unread", "pipeline half read"))
             stats.cases["reset: " + case] += 1
@@ -735,18 +726,12 @@ def reset_thread(load: Load, stats: Stats, rng: random.Random) -> None:
                 elif rng.random() < 0.5:
                     time.sleep(0.005)  # let the server start answering into a connection about to die
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
-        except Exception as exc:
-            stats.failed("reset", exc)
-        finally:
-            sock.close()
         load.pause(RESET_PAUSE, rng)
 
 
 def slow_thread(load: Load, stats: Stats, rng: random.Random) -> None:
     while load.running():
-        sock = load.socket()
-        try:
-            stats.connection("slow")
+        with load.connection(stats, "slow") as sock:
             sock.connect(load.address)
             reader = Reader(sock)
             for _ in range(rng.randint(1, 3)):
@@ -764,10 +749,6 @@ def slow_thread(load: Load, stats: Stats, rng: random.Random) -> None:
                 stats.counts["sent"] += len(batch)
                 exchange(sock, reader, batch, stats)
             finish(sock, reader, rng)
-        except Exception as exc:
-            stats.failed("slow", exc)
-        finally:
-            sock.close()
 
 
 ROLES: dict[str, list[tuple[Callable[[Load, Stats, random.Random], None], int]]] = {

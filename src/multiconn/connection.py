@@ -36,7 +36,7 @@ import logging
 import socket
 import ssl
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import WOULD_BLOCK, ProtocolError
 from .loop import EVENT_READ, EVENT_WRITE
@@ -113,7 +113,7 @@ class Connection:
             self.data_received(data)
         return True
 
-    def _receive(self, recv: Any, arg: Any) -> Any:
+    def _receive(self, recv: Callable[[Any], Any], arg: Any) -> Any:
         """``recv(arg)`` (``recv`` or ``recv_into``): its result, or None when
         there is nothing to handle: the kernel had nothing, or EOF or an error
         (both acted on here)."""
@@ -148,7 +148,7 @@ class Connection:
 
     def _finish(self, reason: str) -> None:
         """No more input will be handled: flush what is pending, then close."""
-        if self.state is not OPEN and self.state is not FAILED:
+        if self.state not in (OPEN, FAILED):
             return
         self.state = FINISHING
         log.debug("%s: finishing (%s)", self, reason)
