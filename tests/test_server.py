@@ -39,7 +39,13 @@ from multiconn import (
     encode_frames,
 )
 from multiconn.apps import echo
-from multiconn.connection import RECV_SIZE, Connection
+from multiconn.connection import (
+    RECV_SIZE,
+    SMALL_READ,
+    SMALL_RECV_SIZE,
+    Connection,
+    RawEchoConnection,
+)
 from multiconn.protocol import ErrorCode
 from multiconn.testing import ServerThread
 
@@ -298,20 +304,23 @@ def open_client(start_server: Any) -> Iterator[Callable[..., Client]]:
 
 @pytest.fixture
 def output_peaks(monkeypatch: pytest.MonkeyPatch) -> dict[Any, int]:
-    """Connection -> the largest ``pending_output`` it held after any ``write``/``write_many``.
+    """Connection -> the largest ``pending_output`` it held after any write.
 
     Polling from the test thread can miss a peak that the kernel absorbs a
     millisecond later; this records what each write left queued, exactly.
+    Raw echo writes through an alias of `write` and, on its fast path, inline.
     """
     peaks: dict[Any, int] = {}
-    for name in ("write", "write_many"):
-        original = getattr(Connection, name)
+    writers = [(Connection, "write"), (Connection, "write_many"),
+               (RawEchoConnection, "data_received"), (RawEchoConnection, "_on_events")]
+    for cls, name in writers:
+        original = getattr(cls, name)
 
         def recording(self: Any, *args: Any, _original: Any = original) -> None:
             _original(self, *args)
             peaks[self] = max(peaks.get(self, 0), self.pending_output)
 
-        monkeypatch.setattr(Connection, name, recording)
+        monkeypatch.setattr(cls, name, recording)
     return peaks
 
 
@@ -412,6 +421,71 @@ def test_raw_echo_small_exchanges(start_server: Any, open_raw: Any) -> None:
         assert got == chunk
     conn.sock.shutdown(socket.SHUT_WR)
     conn.expect_eof()
+
+
+def _echo_exactly(conn: RawConn, data: bytes) -> None:
+    """Send `data` and read back exactly as many bytes, which must be the same."""
+    conn.sendall(data)
+    got = b""
+    conn.sock.settimeout(5.0)
+    while len(got) < len(data):
+        chunk = conn.sock.recv(1 * MiB)
+        assert chunk, f"EOF after {len(got)} of {len(data)} bytes"
+        got += chunk
+    assert got == data
+
+
+def test_receive_size_adapts_to_the_reads(start_server: Any, open_raw: Any) -> None:
+    """Small reads ask for SMALL_RECV_SIZE; a large read switches to RECV_SIZE;
+    the next small read steps down to half of it, the one after to small."""
+    server = start_server("raw-echo")
+    conn = open_raw(server.address, nodelay=True)
+    server_side = server_connection_of(server, conn.sock)
+    small = b"s" * 64
+    assert server_side._recv_size == SMALL_RECV_SIZE
+    _echo_exactly(conn, small)
+    assert server_side._recv_size == SMALL_RECV_SIZE
+    # One loopback segment: a small read that fills, then one read of the rest.
+    _echo_exactly(conn, os.urandom(10_000))
+    assert server_side._recv_size == RECV_SIZE
+    _echo_exactly(conn, small)
+    assert server_side._recv_size == RECV_SIZE // 2
+    _echo_exactly(conn, small)
+    assert server_side._recv_size == SMALL_RECV_SIZE
+    # A read just over the small-read mark is not small.
+    _echo_exactly(conn, b"m" * (SMALL_READ + 1))
+    assert server_side._recv_size == RECV_SIZE
+
+
+def test_raw_echo_small_messages_to_a_peer_that_reads_late(start_server: Any) -> None:
+    """Small messages take raw echo's fast path. When the peer does not read,
+    what the kernel refuses is queued, and all of it arrives later, in order."""
+    server = start_server("raw-echo")
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(server.address[:2])
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        server_side = server_connection_of(server, sock)
+        server_side.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sent = b""
+        for number in range(5000):
+            message = b"%064d" % number
+            sock.sendall(message)
+            sent += message
+            time.sleep(0.0005)  # one read per message: every read is small
+            if server_side.pending_output:
+                break
+        assert server_side.pending_output, "the kernel never refused an echo"
+        sock.settimeout(5.0)
+        received = b""
+        while len(received) < len(sent):
+            chunk = sock.recv(65536)
+            assert chunk, f"EOF after {len(received)} of {len(sent)} bytes"
+            received += chunk
+        assert received == sent
+        wait_until(lambda: not server_side.pending_output, 5.0, "the queue to drain")
+        sock.sendall(b"after")
+        assert sock.recv(100) == b"after"
 
 
 # -- 2. a frame one byte at a time ----------------------------------------------

@@ -76,6 +76,22 @@ def test_raw_echo_over_tls(start_server, server_context, client_context) -> None
     assert received == b"x" * 100_000
 
 
+def test_raw_echo_over_tls_small_messages_then_a_larger_one(start_server, server_context,
+                                                          client_context) -> None:
+    """Small reads first (the state in which plain raw echo takes its fast
+    path), then a record larger than a small read: the rest of it waits
+    decrypted in the SSL object, where only TLS's own read loop finds it."""
+    server = start_server("raw-echo", ssl_context=server_context)
+    with socket.create_connection(server.address, timeout=5) as plain:
+        with client_context.wrap_socket(plain, server_hostname="localhost") as sock:
+            for message in [b"%064d" % number for number in range(20)] + [os.urandom(5000)]:
+                sock.sendall(message)
+                received = b""
+                while len(received) < len(message):
+                    received += sock.recv(65536)
+                assert received == message
+
+
 def test_unknown_ca_raises_certificate_verification_error(start_server, server_context, client_context) -> None:
     server = start_server("echo", ssl_context=server_context)
     with pytest.raises(CertificateVerificationError) as info:
