@@ -407,22 +407,6 @@ def test_raw_echo_with_half_close(start_server: Any, open_raw: Any) -> None:
     assert received == payload
 
 
-def test_raw_echo_small_exchanges(start_server: Any, open_raw: Any) -> None:
-    server = start_server("raw-echo")
-    conn = open_raw(server.address, nodelay=True)
-    for chunk in (b"a", b"hello", b"\x00\x00", bytes(range(256))):
-        conn.sendall(chunk)
-        got = b""
-        conn.sock.settimeout(5.0)
-        while len(got) < len(chunk):
-            data = conn.sock.recv(4096)
-            assert data
-            got += data
-        assert got == chunk
-    conn.sock.shutdown(socket.SHUT_WR)
-    conn.expect_eof()
-
-
 def _echo_exactly(conn: RawConn, data: bytes) -> None:
     """Send `data` and read back exactly as many bytes, which must be the same."""
     conn.sendall(data)
@@ -433,6 +417,15 @@ def _echo_exactly(conn: RawConn, data: bytes) -> None:
         assert chunk, f"EOF after {len(got)} of {len(data)} bytes"
         got += chunk
     assert got == data
+
+
+def test_raw_echo_small_exchanges(start_server: Any, open_raw: Any) -> None:
+    server = start_server("raw-echo")
+    conn = open_raw(server.address, nodelay=True)
+    for chunk in (b"a", b"hello", b"\x00\x00", bytes(range(256))):
+        _echo_exactly(conn, chunk)
+    conn.sock.shutdown(socket.SHUT_WR)
+    conn.expect_eof()
 
 
 def test_receive_size_adapts_to_the_reads(start_server: Any, open_raw: Any) -> None:

@@ -425,6 +425,8 @@ class FramedConnection(Connection):
         if view is None:
             return super()._read_once()
         # A large content: receive it in place, never past the frame's end.
+        # (The steps of Connection._read_once, which spells them out rather
+        # than share a helper: it runs on every event.)
         try:
             received = self.sock.recv_into(view)
         except OSError as exc:
