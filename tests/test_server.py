@@ -40,13 +40,14 @@ from multiconn import (
 )
 from multiconn.apps import echo
 from multiconn.connection import (
+    RECV_IN_PLACE,
     RECV_SIZE,
     SMALL_READ,
     SMALL_RECV_SIZE,
     Connection,
     RawEchoConnection,
 )
-from multiconn.protocol import ErrorCode
+from multiconn.protocol import LARGE_CONTENT, ErrorCode
 from multiconn.testing import ServerThread
 
 KiB = 1024
@@ -554,6 +555,27 @@ def test_8_mib_echo(start_server: Any, open_client: Any) -> None:
     assert bytes(response.content) == content
     # The connection is still usable afterwards.
     assert bytes(client.request(Frame.binary(b"after")).content) == b"after"
+
+
+def test_large_content_is_received_in_place(start_server: Any, open_raw: Any) -> None:
+    """Once the header of a large frame is in, the connection receives its
+    content into the frame's own buffer (RECV_IN_PLACE) and never past its
+    end: the next frame, sent right behind it, is read the usual way."""
+    server = start_server("echo")
+    conn = open_raw(server.address)
+    server_side = server_connection_of(server, conn.sock)
+    content = os.urandom(LARGE_CONTENT * 4)
+    first = header_frame(good_header(len(content), id=1), content)
+    cut = len(first) - len(content) + LARGE_CONTENT  # the header and a quarter of the content
+    conn.sendall(first[:cut])
+    wait_until(lambda: server_side.decoder.buffered == LARGE_CONTENT, 5.0, "the first quarter")
+    assert server_side._recv_size == RECV_IN_PLACE
+    conn.sendall(first[cut:] + header_frame(good_header(5, id=2), b"small"))
+    big, small = conn.recv_frames(2, timeout=10.0)
+    assert (big.id, bytes(big.content) == content) == (1, True)
+    assert (small.id, small.content) == (2, b"small")
+    assert server_side._recv_size != RECV_IN_PLACE
+    assert not server_side.decoder.has_partial
 
 
 # -- 6. errors ------------------------------------------------------------------------

@@ -19,7 +19,10 @@ The frame timeout is paused meanwhile (it is the server that holds the peer up).
 
 Input: each read asks for as much as recent reads suggest (`_read_once`):
 small reads come from CPython's small-object allocator, large ones from
-malloc, and a ping-pong of small messages is cheaper for the difference.
+malloc, and a ping-pong of small messages is cheaper for the difference. A
+framed connection receives a large content straight into the frame's own
+buffer (`_read_into`), chosen by the same size field, so the common event
+pays for no extra check.
 
 Lifecycle::
 
@@ -61,6 +64,8 @@ SMALL_RECV_SIZE = 448
 #: A read of at most this many bytes is small. Half of SMALL_RECV_SIZE, so that
 #: messages a little shorter than it do not flip the size at every read.
 SMALL_READ = SMALL_RECV_SIZE // 2
+#: `_recv_size` while the connection receives into a buffer of its own (`_read_into`).
+RECV_IN_PLACE = 0
 #: Responses of one read up to this size are joined into one buffer for one send.
 JOIN_LIMIT = 64 * 1024
 #: Buffers handed to one ``sendmsg`` (IOV_MAX is 1024 on Linux).
@@ -127,9 +132,12 @@ class Connection:
         bytes, small after two small reads in a row (the first of them steps
         down to half of RECV_SIZE, which costs the same as RECV_SIZE). So a
         bulk transfer pays one short read to grow and a ping-pong of small
-        messages reads small.
+        messages reads small. A subclass that wants bytes in a buffer of its
+        own sets the size to RECV_IN_PLACE and reads them in `_read_into`.
         """
         size = self._recv_size
+        if size == RECV_IN_PLACE:
+            return self._read_into()
         try:
             data = self.sock.recv(size)
         except OSError as exc:
@@ -146,6 +154,10 @@ class Connection:
         if self.state is not FAILED:  # failed: discard until EOF, so the error frame is not lost to a reset
             self.data_received(data)
         return True
+
+    def _read_into(self) -> bool:
+        """Hook for a subclass that sets `_recv_size` to RECV_IN_PLACE."""
+        raise NotImplementedError
 
     def _recv_failed(self, exc: OSError) -> None:
         if not isinstance(exc, WOULD_BLOCK):  # would block: readiness was only a hint
@@ -420,13 +432,16 @@ class FramedConnection(Connection):
         self._held_error: Frame | None = None  # a fatal error frame to send after them
         super().__init__(sock, server)
 
-    def _read_once(self) -> bool:
+    def _read_into(self) -> bool:
+        """Receive a large content in place, never past the frame's end.
+
+        The steps of Connection._read_once, which spells them out rather than
+        share a helper: it runs on every event.
+        """
         view = self.decoder.recv_buffer() if self.state is OPEN else None
-        if view is None:
+        if view is None:  # failed meanwhile: input is read and discarded
+            self._recv_size = RECV_SIZE
             return super()._read_once()
-        # A large content: receive it in place, never past the frame's end.
-        # (The steps of Connection._read_once, which spells them out rather
-        # than share a helper: it runs on every event.)
         try:
             received = self.sock.recv_into(view)
         except OSError as exc:
@@ -438,7 +453,10 @@ class FramedConnection(Connection):
             self._on_eof()
             return False
         self.last_activity = self.loop.now
-        self._handle(self.decoder.buffer_updated(received))
+        frames = self.decoder.buffer_updated(received)
+        if frames:  # the content is complete
+            self._recv_size = RECV_SIZE
+        self._handle(frames)
         return True
 
     def data_received(self, data: bytes) -> None:
@@ -459,9 +477,12 @@ class FramedConnection(Connection):
     def _handle(self, frames: list[Frame]) -> None:
         if frames:
             self._answer(frames)
-        if self.decoder.has_partial:
+        decoder = self.decoder
+        if decoder.has_partial:
             if frames or self.frame_started is None:
                 self.frame_started = self.loop.now
+            if decoder.wants_buffer:
+                self._recv_size = RECV_IN_PLACE
         else:
             self.frame_started = None
 

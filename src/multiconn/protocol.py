@@ -327,6 +327,12 @@ class FrameDecoder:
         """True while a frame has started but not finished."""
         return bool(self._buffer) or self._pending is not None
 
+    @property
+    def wants_buffer(self) -> bool:
+        """True while a large content is due: receive it through `recv_buffer`."""
+        pending = self._pending
+        return pending is not None and pending[1] >= LARGE_CONTENT
+
     def recv_buffer(self) -> memoryview | None:
         """Where to ``recv_into`` the rest of a large content, or None to use `feed`.
 
