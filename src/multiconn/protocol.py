@@ -393,7 +393,8 @@ class FrameDecoder:
                 exc.frames = done + exc.frames  # type: ignore[attr-defined]
                 raise
         buffer = self._buffer
-        buffered = bool(buffer)
+        # Parsed in place only when it is all there is and is bytes, so its slices are bytes.
+        buffered = bool(buffer) or type(data) is not bytes
         if buffered:
             buffer += data
             source: Any = memoryview(buffer)
@@ -401,7 +402,7 @@ class FrameDecoder:
             source = data
         frames: list[Frame] = []
         try:
-            consumed = self._parse(source, frames)
+            consumed = self._parse(source, buffered, frames)
         except ProtocolError as exc:
             if buffered:
                 source.release()
@@ -417,8 +418,13 @@ class FrameDecoder:
             buffer += memoryview(data)[consumed:]
         return frames
 
-    def _parse(self, data: Any, frames: list[Frame]) -> int:
-        """Append the frames in `data` to `frames`; return the bytes consumed."""
+    def _parse(self, data: Any, is_view: bool, frames: list[Frame]) -> int:
+        """Append the frames in `data` to `frames`; return the bytes consumed.
+
+        `data` is the received bytes themselves, whose slices are bytes, or
+        (`is_view`) a memoryview of the buffer, whose slices are copied out:
+        calling ``bytes()`` on bytes costs about 80 ns, twice per frame.
+        """
         end = len(data)
         pos = 0
         pending = self._pending
@@ -433,7 +439,9 @@ class FrameDecoder:
                 start = pos + 2
                 if end - start < hlen:
                     break
-                raw = bytes(data[start : start + hlen])
+                raw = data[start : start + hlen]
+                if is_view:
+                    raw = bytes(raw)
                 pending = cache.get(raw)
                 if pending is None:
                     pending = parse_header(raw)
@@ -452,7 +460,8 @@ class FrameDecoder:
             length = pending[1]
             if end - pos < length:
                 break
-            frames.append(Frame(pending[0].copy(), bytes(data[pos : pos + length])))
+            content = data[pos : pos + length]
+            frames.append(Frame(pending[0].copy(), bytes(content) if is_view else content))
             pos += length
             pending = None
         self._pending = pending
