@@ -494,6 +494,15 @@ class FramedConnection(Connection):
         answered (before anything else is read) once the queue drains.
         """
         respond = self.server.respond
+        if len(frames) == 1:  # the common case, without the loop's bookkeeping
+            response = respond(frames[0])
+            content = response.content
+            prefix = encode_header(response.header, len(content))
+            if len(content) <= JOIN_LIMIT:
+                self.write(prefix + content)
+            else:
+                self.write_many([prefix, content])
+            return
         parts = []
         size = 0
         budget = self.limits.high_water - self._out_size
