@@ -2,10 +2,11 @@
 
 Theory of operation
 -------------------
-1. One ``selectors.DefaultSelector`` (epoll on Linux, kqueue on BSD/macOS).
-   Each registered file object carries one callback as its selector data; the
-   callback receives the ready mask. One object, one callback, one dict lookup
-   per event: the per-event cost is a Python call and nothing more.
+1. One poller (`multiconn.poller`): epoll on Linux, used directly, and any
+   ``selectors`` selector elsewhere (kqueue on BSD/macOS). Each registered file
+   object has one callback, which receives the ready mask in ``selectors``
+   terms. One object, one callback, one dict lookup per event: the per-event
+   cost is a Python call and nothing more.
 2. Interest is the caller's business: a connection asks for EVENT_WRITE only
    while it has output pending, and calls `modify` only when that changes.
 3. Time is read once per iteration into `now` (from an injectable clock), so
@@ -32,14 +33,13 @@ import time
 from collections import deque
 from typing import Any, Callable
 
+from .poller import EVENT_READ, EVENT_WRITE, EventCallback, Poller, SelectorPoller, default_poller
+
 log = logging.getLogger("multiconn.loop")
 
-EVENT_READ = selectors.EVENT_READ
-EVENT_WRITE = selectors.EVENT_WRITE
+__all__ = ["EVENT_READ", "EVENT_WRITE", "EventCallback", "EventLoop", "TimerHandle"]
 #: Longest a select() blocks when no timer is due, so a stop is never missed.
 MAX_SELECT_TIMEOUT = 3600.0
-
-EventCallback = Callable[[int], None]
 
 
 class TimerHandle:
@@ -65,16 +65,19 @@ class TimerHandle:
 class EventLoop:
     """Runs callbacks when descriptors are ready, timers are due or threads ask."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 selector: selectors.BaseSelector | None = None) -> None:
+        """`selector`, if given, is used (and closed) in place of the default,
+        which on Linux is not a selector but epoll itself (`multiconn.poller`)."""
         self.clock = clock
         self.now = clock()
-        self._selector = selectors.DefaultSelector()
+        self._poller: Poller = default_poller() if selector is None else SelectorPoller(selector)
         self._timers: list[TimerHandle] = []
         self._ready: deque[tuple[Callable[..., Any], tuple]] = deque()
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
         self._wake_send.setblocking(False)
-        self._selector.register(self._wake_recv, EVENT_READ, self._on_wake)
+        self._poller.register(self._wake_recv, EVENT_READ, self._on_wake)
         self._running = False
         self._stopping = False
         self._closed = False
@@ -86,24 +89,17 @@ class EventLoop:
 
     def register(self, fileobj: Any, events: int, callback: EventCallback) -> None:
         """Call ``callback(mask)`` whenever `fileobj` is ready for `events`."""
-        self._selector.register(fileobj, events, callback)
+        self._poller.register(fileobj, events, callback)
 
     def modify(self, fileobj: Any, events: int, callback: EventCallback) -> None:
-        self._selector.modify(fileobj, events, callback)
+        self._poller.modify(fileobj, events, callback)
 
     def unregister(self, fileobj: Any) -> None:
         """Stop watching `fileobj`; a no-op if it is not registered."""
-        try:
-            self._selector.unregister(fileobj)
-        except (KeyError, ValueError):
-            pass
+        self._poller.unregister(fileobj)
 
     def is_registered(self, fileobj: Any) -> bool:
-        try:
-            self._selector.get_key(fileobj)
-        except (KeyError, ValueError):
-            return False
-        return True
+        return self._poller.is_registered(fileobj)
 
     # -- calls and timers -------------------------------------------------
 
@@ -199,13 +195,9 @@ class EventLoop:
             timeout = min(max(0.0, timers[0].when - self.clock()), MAX_SELECT_TIMEOUT)
         else:
             timeout = MAX_SELECT_TIMEOUT
-        events = self._selector.select(timeout)
+        events = self._poller.poll(timeout)
         self.now = now = self.clock()
-        for key, mask in events:
-            try:
-                key.data(mask)
-            except Exception:  # one bad callback must not take the loop down
-                log.exception("event callback %r failed", key.data)
+        self._poller.dispatch(events)
         while timers and timers[0].when <= now:
             handle = heapq.heappop(timers)
             if not handle.cancelled:
@@ -226,7 +218,7 @@ class EventLoop:
             raise RuntimeError("cannot close a running loop")
         self._closed = True
         self.remove_signal_handlers()
-        self._selector.close()
+        self._poller.close()
         self._wake_recv.close()
         self._wake_send.close()
 

