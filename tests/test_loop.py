@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import signal
 import socket
 import threading
@@ -22,9 +23,10 @@ from multiconn.loop import EVENT_READ, EVENT_WRITE, EventLoop
 WATCHDOG = 5.0  # seconds: no test here needs the loop to run longer
 
 
-@pytest.fixture
-def loop() -> Iterator[EventLoop]:
-    ev = EventLoop()
+@pytest.fixture(params=["default", "selectors"])
+def loop(request: pytest.FixtureRequest) -> Iterator[EventLoop]:
+    """Each test runs on the default poller (epoll on Linux) and on `selectors`."""
+    ev = EventLoop() if request.param == "default" else EventLoop(selector=selectors.DefaultSelector())
     try:
         yield ev
     finally:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import select
+import selectors
 import socket
 import struct
 import threading
@@ -29,6 +30,7 @@ import pytest
 from multiconn import (
     Client,
     ErrorResponse,
+    EventLoop,
     Frame,
     FrameDecoder,
     Limits,
@@ -555,6 +557,37 @@ def test_8_mib_echo(start_server: Any, open_client: Any) -> None:
     assert bytes(response.content) == content
     # The connection is still usable afterwards.
     assert bytes(client.request(Frame.binary(b"after")).content) == b"after"
+
+
+def test_a_server_on_a_selectors_selector() -> None:
+    """The loop's other poller (any `selectors` selector, the default off
+    Linux) serves the same: pipelined frames, and large contents whose answers
+    the kernel takes only in part, so the connection waits for EVENT_WRITE."""
+    with EventLoop(selector=selectors.PollSelector()) as loop, \
+            ServerThread("echo", loop=loop) as server, server.connect(timeout=20.0) as client:
+        assert_echoed(client.request_many(echo_frames(range(200))), range(200))
+        contents = [os.urandom(4 * MiB) for _ in range(3)]
+        answers = client.request_many([Frame.binary(c, id=i) for i, c in enumerate(contents)])
+        assert [bytes(a.content) == c for a, c in zip(answers, contents)] == [True] * 3
+
+
+def test_raw_echo_on_a_selectors_selector() -> None:
+    with EventLoop(selector=selectors.PollSelector()) as loop, \
+            ServerThread("raw-echo", loop=loop) as server, RawConn(server.address, nodelay=True) as conn:
+        for chunk in (b"a", bytes(range(256)) * 4):
+            _echo_exactly(conn, chunk)
+        data = os.urandom(2 * MiB)
+        sender = threading.Thread(target=conn.sendall, args=(data,), daemon=True)
+        sender.start()
+        received = bytearray()
+        try:
+            while len(received) < len(data):
+                chunk = conn.sock.recv(1 * MiB)
+                assert chunk, f"EOF after {len(received)} of {len(data)} bytes"
+                received += chunk
+        finally:
+            sender.join(10)
+        assert received == data
 
 
 def test_large_content_is_received_in_place(start_server: Any, open_raw: Any) -> None:

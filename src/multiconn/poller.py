@@ -67,10 +67,16 @@ def _callback_failed(callback: EventCallback) -> None:
 
 
 class SelectorPoller:
-    """Any `selectors` selector; the callback rides along as the key's data."""
+    """Any `selectors` selector; the callback rides along as the key's data.
+
+    ``select()`` hands out its keys before any callback runs, so a key that a
+    callback unregisters is remembered (by identity, until the batch is over)
+    and its event skipped, as `EpollPoller` skips it by its absence.
+    """
 
     def __init__(self, selector: selectors.BaseSelector) -> None:
         self._selector = selector
+        self._dropped: dict[int, selectors.SelectorKey] = {}  # id(key) -> key, kept alive
 
     def register(self, fileobj: Any, events: int, callback: EventCallback) -> None:
         self._selector.register(fileobj, events, callback)
@@ -80,9 +86,10 @@ class SelectorPoller:
 
     def unregister(self, fileobj: Any) -> None:
         try:
-            self._selector.unregister(fileobj)
+            key = self._selector.unregister(fileobj)
         except (KeyError, ValueError):
-            pass
+            return
+        self._dropped[id(key)] = key
 
     def is_registered(self, fileobj: Any) -> bool:
         try:
@@ -95,11 +102,17 @@ class SelectorPoller:
         return self._selector.select(timeout)
 
     def dispatch(self, events: Iterable[tuple[selectors.SelectorKey, int]]) -> None:
-        for key, mask in events:
-            try:
-                key.data(mask)
-            except Exception:  # one bad callback must not take the loop down
-                _callback_failed(key.data)
+        dropped = self._dropped
+        try:
+            for key, mask in events:
+                if dropped and id(key) in dropped:
+                    continue  # unregistered by a callback earlier in this batch
+                try:
+                    key.data(mask)
+                except Exception:  # one bad callback must not take the loop down
+                    _callback_failed(key.data)
+        finally:
+            dropped.clear()
 
     def close(self) -> None:
         self._selector.close()
