@@ -189,13 +189,15 @@ class EpollPoller:
 
     def dispatch(self, events: Iterable[tuple[int, int]]) -> None:
         callbacks = self._callbacks
+        epollin = select.EPOLLIN
         for fd, mask in events:
-            if mask != select.EPOLLIN:
+            if mask != epollin:
                 mask = self._ready_mask(fd, mask)
                 if not mask:
                     continue
-            callback = callbacks.get(fd)
-            if callback is None:
+            try:
+                callback = callbacks[fd]
+            except KeyError:
                 continue  # unregistered by a callback earlier in this batch
             try:
                 callback(mask)
