@@ -161,17 +161,16 @@ class EpollPoller:
         return self._registered_fd(fileobj) is not None
 
     def _registered_fd(self, fileobj: Any) -> int | None:
+        """The descriptor `fileobj` is registered under, found as selectors finds it:
+        by its fileno, or, once it is closed, by identity (a scan, so only then)."""
         try:
             fd = _fileno(fileobj)
         except ValueError:
-            fd = -1  # closed: find it by identity, as selectors does
-        entry = self._registered.get(fd)
-        if entry is not None and (entry[0] is fileobj or entry[0] == fileobj):
-            return fd
-        for fd, (registered, _events) in self._registered.items():
-            if registered is fileobj:
-                return fd
-        return None
+            for fd, (registered, _events) in self._registered.items():
+                if registered is fileobj:
+                    return fd
+            return None
+        return fd if fd in self._registered else None
 
     def poll(self, timeout: float | None) -> list[tuple[int, int]]:
         if timeout is None:
