@@ -1,4 +1,4 @@
-"""multiconn: many TCP connections at once on selectors, with a small framed protocol.
+"""multiconn: many TCP connections at once on epoll and selectors, with a small framed protocol.
 
 The protocol (`Frame`, `FrameDecoder`, `encode_frame`) does no I/O; the event
 loop, server and clients sit on top of it and are the only code that touches

@@ -69,9 +69,10 @@ def _callback_failed(callback: EventCallback) -> None:
 class SelectorPoller:
     """Any `selectors` selector; the callback rides along as the key's data.
 
-    ``select()`` hands out its keys before any callback runs, so a key that a
-    callback unregisters is remembered (by identity, until the batch is over)
-    and its event skipped, as `EpollPoller` skips it by its absence.
+    ``select()`` hands out its keys before any callback runs, so an unregistered
+    key is remembered (by identity, until the end of the next dispatch) and a
+    callback's event skipped once its key is gone, as `EpollPoller` skips it by
+    its absence.
     """
 
     def __init__(self, selector: selectors.BaseSelector) -> None:
