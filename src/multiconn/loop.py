@@ -38,6 +38,7 @@ from .poller import EVENT_READ, EVENT_WRITE, EventCallback, Poller, SelectorPoll
 log = logging.getLogger("multiconn.loop")
 
 __all__ = ["EVENT_READ", "EVENT_WRITE", "EventCallback", "EventLoop", "TimerHandle"]
+
 #: Longest a select() blocks when no timer is due, so a stop is never missed.
 MAX_SELECT_TIMEOUT = 3600.0
 
