@@ -411,14 +411,20 @@ def test_raw_echo_with_half_close(start_server: Any, open_raw: Any) -> None:
 
 
 def _echo_exactly(conn: RawConn, data: bytes) -> None:
-    """Send `data` and read back exactly as many bytes, which must be the same."""
-    conn.sendall(data)
-    got = b""
-    conn.sock.settimeout(5.0)
-    while len(got) < len(data):
-        chunk = conn.sock.recv(1 * MiB)
-        assert chunk, f"EOF after {len(got)} of {len(data)} bytes"
-        got += chunk
+    """Send `data` and read back exactly as many bytes, which must be the same.
+
+    The bytes go out from a thread, so data larger than the socket buffers
+    cannot deadlock against the server's backpressure while nobody reads."""
+    sender = threading.Thread(target=conn.sendall, args=(data,), daemon=True)
+    sender.start()
+    got = bytearray()
+    try:
+        while len(got) < len(data):
+            chunk = conn.sock.recv(1 * MiB)
+            assert chunk, f"EOF after {len(got)} of {len(data)} bytes"
+            got += chunk
+    finally:
+        sender.join(10)
     assert got == data
 
 
@@ -574,20 +580,8 @@ def test_a_server_on_a_selectors_selector() -> None:
 def test_raw_echo_on_a_selectors_selector() -> None:
     with EventLoop(selector=selectors.PollSelector()) as loop, \
             ServerThread("raw-echo", loop=loop) as server, RawConn(server.address, nodelay=True) as conn:
-        for chunk in (b"a", bytes(range(256)) * 4):
+        for chunk in (b"a", bytes(range(256)) * 4, os.urandom(2 * MiB)):
             _echo_exactly(conn, chunk)
-        data = os.urandom(2 * MiB)
-        sender = threading.Thread(target=conn.sendall, args=(data,), daemon=True)
-        sender.start()
-        received = bytearray()
-        try:
-            while len(received) < len(data):
-                chunk = conn.sock.recv(1 * MiB)
-                assert chunk, f"EOF after {len(received)} of {len(data)} bytes"
-                received += chunk
-        finally:
-            sender.join(10)
-        assert received == data
 
 
 def test_large_content_is_received_in_place(start_server: Any, open_raw: Any) -> None:
