@@ -459,6 +459,31 @@ def test_receive_size_adapts_to_the_reads(start_server: Any, open_raw: Any) -> N
     assert server_side._recv_size == RECV_SIZE
 
 
+def test_raw_echo_peers_that_reset_are_closed_quietly(start_server: Any, open_raw: Any,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """A reset reaches raw echo's fast path as a failed read or write: the
+    connection closes, nothing is logged as an error, and others are served."""
+    server = start_server("raw-echo")
+    keeper = open_raw(server.address, nodelay=True)
+    _echo_exactly(keeper, b"before")
+    with caplog.at_level(logging.DEBUG, logger="multiconn"):
+        for number in range(20):
+            with socket.create_connection(server.address[:2]) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(b"ping %d" % number)
+                assert sock.recv(100) == b"ping %d" % number
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                if number % 2:
+                    sock.sendall(b"one more, then a reset")  # the echo's write fails
+        wait_until(lambda: len(server.server.connections) == 1, 5.0, "the reset connections to close")
+    _echo_exactly(keeper, b"after")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    closes = [r.getMessage() for r in caplog.records if "closed (" in r.getMessage()]
+    assert len(closes) == 20, closes
+    assert sum("(recv failed: " in message for message in closes) >= 5, closes
+    assert sum("(send failed: " in message for message in closes) >= 5, closes
+
+
 def test_raw_echo_small_messages_to_a_peer_that_reads_late(start_server: Any) -> None:
     """Small messages take raw echo's fast path. When the peer does not read,
     what the kernel refuses is queued, and all of it arrives later, in order."""

@@ -40,6 +40,7 @@ times per timeout period and calls `check_timeouts`, so the hot path only stamps
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import ssl
 from collections import deque
@@ -72,6 +73,8 @@ JOIN_LIMIT = 64 * 1024
 MAX_IOVECS = 512
 
 OPEN, FINISHING, FAILED, CLOSED = "open", "finishing", "failed", "closed"
+
+_read, _write = os.read, os.write  # raw echo's fast path: one global lookup each
 
 
 class Connection:
@@ -567,7 +570,11 @@ class FramedConnection(Connection):
 class RawEchoConnection(Connection):
     """Echoes bytes as they arrive (no framing)."""
 
-    __slots__ = ()
+    __slots__ = ("_fd",)
+
+    def __init__(self, sock: socket.socket, server: "Server") -> None:
+        super().__init__(sock, server)
+        self._fd = sock.fileno()  # for the fast path's os.read and os.write
 
     # Echo writes back what it receives: `write` itself, one call less per read.
     data_received = Connection.write
@@ -581,15 +588,22 @@ class RawEchoConnection(Connection):
         path's calls are a seventh of the server's Python time: with the C
         load generator (100 connections, 64-byte ping-pong) this path took
         0.83 µs of user CPU per request against 0.96, 2 % more requests/s.
+
+        It reads and writes the descriptor with `os.read` and `os.write` (a
+        socket is a file on POSIX; TLS never comes here). They take their
+        arguments the fast way, where ``socket.recv`` and ``send`` parse an
+        argument tuple against a format string: 0.09 µs less user CPU per
+        request in the same benchmark, of which the kernel's read and write
+        paths give back up to 0.05 µs; 0.8 % more requests/s.
         """
         if (mask != EVENT_READ or self._recv_size != SMALL_RECV_SIZE or self._out is not None
                 or self.state is not OPEN or self._draining):
             super()._on_events(mask)
             return
         try:
-            sock = self.sock
+            fd = self._fd
             try:
-                data = sock.recv(SMALL_RECV_SIZE)
+                data = _read(fd, SMALL_RECV_SIZE)
             except OSError as exc:
                 self._recv_failed(exc)
                 return
@@ -601,7 +615,7 @@ class RawEchoConnection(Connection):
             if received > SMALL_READ:
                 self._recv_size = RECV_SIZE
             try:
-                sent = sock.send(data)
+                sent = _write(fd, data)
             except WOULD_BLOCK:
                 sent = 0
             except OSError as exc:
