@@ -468,13 +468,11 @@ def test_raw_echo_peers_that_reset_are_closed_quietly(start_server: Any, open_ra
     _echo_exactly(keeper, b"before")
     with caplog.at_level(logging.DEBUG, logger="multiconn"):
         for number in range(20):
-            with socket.create_connection(server.address[:2]) as sock:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.sendall(b"ping %d" % number)
-                assert sock.recv(100) == b"ping %d" % number
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            with RawConn(server.address, nodelay=True) as conn:
+                _echo_exactly(conn, b"ping %d" % number)
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 if number % 2:
-                    sock.sendall(b"one more, then a reset")  # the echo's write fails
+                    conn.sendall(b"one more, then a reset")  # the echo's write fails
         wait_until(lambda: len(server.server.connections) == 1, 5.0, "the reset connections to close")
     _echo_exactly(keeper, b"after")
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
