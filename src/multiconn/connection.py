@@ -74,7 +74,7 @@ MAX_IOVECS = 512
 
 OPEN, FINISHING, FAILED, CLOSED = "open", "finishing", "failed", "closed"
 
-_read, _write = os.read, os.write  # raw echo's fast path: one global lookup each
+_os_read, _os_write = os.read, os.write  # raw echo's fast path: one global lookup each
 
 
 class Connection:
@@ -603,7 +603,7 @@ class RawEchoConnection(Connection):
         try:
             fd = self._fd
             try:
-                data = _read(fd, SMALL_RECV_SIZE)
+                data = _os_read(fd, SMALL_RECV_SIZE)
             except OSError as exc:
                 self._recv_failed(exc)
                 return
@@ -615,7 +615,7 @@ class RawEchoConnection(Connection):
             if received > SMALL_READ:
                 self._recv_size = RECV_SIZE
             try:
-                sent = _write(fd, data)
+                sent = _os_write(fd, data)
             except WOULD_BLOCK:
                 sent = 0
             except OSError as exc:
