@@ -41,13 +41,12 @@ from multiconn import (
     encode_frames,
 )
 from multiconn.apps import echo
-from multiconn.connection import (
+from multiconn.transport import (
     RECV_IN_PLACE,
     RECV_SIZE,
     SMALL_READ,
     SMALL_RECV_SIZE,
-    Connection,
-    RawEchoConnection,
+    Transport,
 )
 from multiconn.protocol import LARGE_CONTENT, ErrorCode
 from multiconn.testing import ServerThread
@@ -314,8 +313,7 @@ def output_peaks(monkeypatch: pytest.MonkeyPatch) -> dict[Any, int]:
     Raw echo writes through an alias of `write` and, on its fast path, inline.
     """
     peaks: dict[Any, int] = {}
-    writers = [(Connection, "write"), (Connection, "write_many"),
-               (RawEchoConnection, "data_received"), (RawEchoConnection, "_on_events")]
+    writers = [(Transport, "write"), (Transport, "write_many"), (Transport, "_on_raw_echo_events")]
     for cls, name in writers:
         original = getattr(cls, name)
 
@@ -618,14 +616,14 @@ def test_large_content_is_received_in_place(start_server: Any, open_raw: Any) ->
     first = header_frame(good_header(len(content), id=1), content)
     cut = len(first) - len(content) + LARGE_CONTENT  # the header and a quarter of the content
     conn.sendall(first[:cut])
-    wait_until(lambda: server_side.decoder.buffered == LARGE_CONTENT, 5.0, "the first quarter")
+    wait_until(lambda: server_side.session.decoder.buffered == LARGE_CONTENT, 5.0, "the first quarter")
     assert server_side._recv_size == RECV_IN_PLACE
     conn.sendall(first[cut:] + header_frame(good_header(5, id=2), b"small"))
     big, small = conn.recv_frames(2, timeout=10.0)
     assert (big.id, bytes(big.content) == content) == (1, True)
     assert (small.id, small.content) == (2, b"small")
     assert server_side._recv_size != RECV_IN_PLACE
-    assert not server_side.decoder.has_partial
+    assert not server_side.session.decoder.has_partial
 
 
 # -- 6. errors ------------------------------------------------------------------------

@@ -42,6 +42,11 @@ class ProtocolError(MulticonnError):
         self.request_id = request_id
 
 
+class LocalProtocolError(MulticonnError):
+    """multiconn itself broke a rule of its own protocol state machine: a bug
+    in this process, never the peer's fault (h11's name for the same thing)."""
+
+
 class ErrorResponse(MulticonnError):
     """The server answered a request with an error frame."""
 

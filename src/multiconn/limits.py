@@ -30,6 +30,12 @@ class Limits:
     #: A handler call running longer is interrupted and answered ``handler-error``
     #: (enforced when the server runs in the main thread; see watchdog.py).
     handler_timeout: float = 10.0
+    #: Requests one connection may have in a handler pool (running or queued);
+    #: at this many the server stops reading that connection.
+    max_in_flight: int = 64
+    #: Requests the whole server may have waiting for a handler pool; past it
+    #: every connection stops reading until the queue drains.
+    max_queued: int = 4096
 
     def __post_init__(self) -> None:
         for name in ("frame_timeout", "idle_timeout", "drain_timeout", "error_linger", "handler_timeout"):
@@ -37,8 +43,9 @@ class Limits:
                 raise ValueError(f"{name} must be positive")
         if self.max_content < 0:
             raise ValueError("max_content must be >= 0")
-        if self.max_connections < 1:
-            raise ValueError("max_connections must be >= 1")
+        for name in ("max_connections", "max_in_flight", "max_queued"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
         if not 0 <= self.low_water <= self.high_water:
             raise ValueError("need 0 <= low_water <= high_water")
 

@@ -29,18 +29,23 @@ import ssl
 from typing import Any, Callable, Union
 
 from .apps import App, RawEcho, load_app
-from .connection import (
-    Connection,
-    FramedConnection,
-    RawEchoConnection,
-    TLSFramedConnection,
-    TLSRawEchoConnection,
-)
-from .errors import ProtocolError
 from .limits import Limits
 from .loop import EVENT_READ, EventLoop
-from .protocol import ErrorCode, Frame
-from .watchdog import HandlerClock, HandlerTimeout, Watchdog
+from .process_pool import ProcessPoolResponder
+from .responders import (
+    DEFAULT_THREAD_POOL_SIZE,
+    POOL_KINDS,
+    AsyncResponder,
+    InlineResponder,
+    Responder,
+    ThreadPoolResponder,
+    app_name,
+    check_async_loop,
+    is_async_app,
+)
+from .session import FramedSession, PooledFramedSession, RawEchoSession, SessionContext
+from .transport import PAUSE_QUEUE, TLSTransport, Transport
+from .watchdog import Watchdog
 
 log = logging.getLogger("multiconn.server")
 
@@ -52,6 +57,8 @@ ACCEPT_TRANSIENT_ERRNOS = frozenset(
     {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH}
 )
 DEFAULT_BACKLOG = 1024
+#: After the drain, how long a pool's threads or processes get to finish.
+POOL_STOP_TIMEOUT = 2.0
 
 
 class ServerAborted(BaseException):
@@ -83,9 +90,17 @@ def format_address(address: tuple) -> str:
 class Server:
     """Serves an application on one or more listening sockets.
 
-    `app` is a frame handler (``Frame -> Frame``), `raw_echo`, or the name of a
-    built-in app / ``package.module:attr``. With `ssl_context` (a server-side
-    ``ssl.SSLContext``) every connection speaks TLS.
+    `app` is a frame handler (``Frame -> Frame``, or an ``async def`` one), `raw_echo`,
+    or the name of a built-in app / ``package.module:attr``. With `ssl_context` (a
+    server-side ``ssl.SSLContext``) every connection speaks TLS.
+
+    `handler_pool` says where a synchronous handler runs: ``"inline"`` in the
+    event loop (the default, and the fastest for handlers that neither wait nor
+    compute), ``"thread"`` in `pool_size` threads (default 32), ``"process"`` in
+    `pool_size` processes (default: one per CPU; the app must be picklable and
+    importable by name). An ``async def`` handler always runs on one asyncio
+    loop in a helper thread (`async_loop` ``"uvloop"`` for uvloop's), and cannot
+    be combined with a thread or process pool. See `multiconn.responders`.
     """
 
     def __init__(
@@ -98,31 +113,42 @@ class Server:
         loop: EventLoop | None = None,
         backlog: int = DEFAULT_BACKLOG,
         ssl_context: ssl.SSLContext | None = None,
+        handler_pool: str = "inline",
+        pool_size: int | None = None,
+        async_loop: str = "asyncio",
+        log_level: int = logging.WARNING,
     ) -> None:
         self.app = load_app(app) if isinstance(app, str) else app
         self.host = host
         self.port = port
         self.limits = limits
         self.backlog = backlog
+        self.ssl_context = ssl_context
+        self._raw_echo = isinstance(self.app, RawEcho)
+        self.responder = make_responder(self.app, handler_pool, pool_size, limits, async_loop, log_level)
         self._own_loop = loop is None
         self.loop = loop if loop is not None else EventLoop()
-        self.ssl_context = ssl_context
-        raw = isinstance(self.app, RawEcho)
-        if ssl_context is None:
-            self._connection_class: type[Connection] = RawEchoConnection if raw else FramedConnection
+        self._transport_class: type[Transport] = Transport if ssl_context is None else TLSTransport
+        if self._raw_echo:
+            self._session_class: Any = RawEchoSession
+        elif self.responder.inline:
+            self._session_class = FramedSession
         else:
-            self._connection_class = TLSRawEchoConnection if raw else TLSFramedConnection
+            self._session_class = PooledFramedSession
+        self._context = SessionContext(self.responder, limits, self.loop)
+        self._on_connection_closed = self._connection_closed  # one bound method for every transport
+        self._responder_started = False
+        self._saturated = False
         self._listeners: list[socket.socket] = []
         self._accepting = False
         self._accept_backoff = False
         self._out_of_capacity = False
-        self.connections: set[Connection] = set()
+        self.connections: set[Transport] = set()
         self._shutting_down = False
         self._signalled = False
         self._sweep_handle: Any = None
         self._drain_handle: Any = None
         self._closed = False
-        self.handler_clock = HandlerClock()
         self._watchdog: Watchdog | None = None
 
     # -- setup ------------------------------------------------------------
@@ -137,12 +163,15 @@ class Server:
         if self._listeners:
             return
         raise_nofile_limit()
+        if not self._responder_started:
+            self.responder.start(self.loop, self._set_saturated)  # a process pool may refuse the app here
+            self._responder_started = True
         self._listeners = _bind_listeners(self.host, self.port, self.backlog)
         self._set_accepting(True)
         self._sweep_handle = self.loop.call_later(self.limits.sweep_interval, self._sweep)
         for address in self.addresses:
-            log.info("listening on %s (app %s%s)", format_address(address), _app_name(self.app),
-                     ", TLS" if self.ssl_context is not None else "")
+            log.info("listening on %s (app %s%s%s)", format_address(address), app_name(self.app),
+                     _describe_pool(self.responder), ", TLS" if self.ssl_context is not None else "")
 
     def serve_forever(self, *, handle_signals: bool = True) -> None:
         """Start if needed and run until shut down; then release everything."""
@@ -150,8 +179,8 @@ class Server:
         if handle_signals:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self.loop.add_signal_handler(signum, self._on_signal, signum, immediate=True)
-            if not isinstance(self.app, RawEcho):
-                self._watchdog = Watchdog(self.handler_clock, self.limits.handler_timeout)
+            if isinstance(self.responder, InlineResponder) and not self._raw_echo:
+                self._watchdog = Watchdog(self.responder.clock, self.limits.handler_timeout)
         try:
             self.loop.run_forever()
         except ServerAborted as exc:
@@ -174,7 +203,6 @@ class Server:
                 self.loop.unregister(sock)
 
     def _accept(self, listener: socket.socket) -> None:
-        make_connection = self._connection_class
         connections = self.connections
         limit = self.limits.max_connections
         for _ in range(ACCEPT_BATCH):
@@ -199,11 +227,14 @@ class Server:
             try:
                 if self.ssl_context is not None:
                     sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                connection = make_connection(sock, self)
+                connection = self._transport_class(sock, self.loop, self.limits, self._on_connection_closed)
+                connection.attach(self._session_class(connection, self._context), raw_echo=self._raw_echo)
             except OSError as exc:  # e.g. the peer reset before we set it up
                 log.debug("could not set up connection from %s: %s", peer, exc)
                 sock.close()
                 continue
+            if self._saturated:
+                connection.pause_reading(PAUSE_QUEUE)
             connections.add(connection)
             if self._out_of_capacity:
                 self._out_of_capacity = False
@@ -224,7 +255,7 @@ class Server:
         self._accept_backoff = False
         self._set_accepting(True)
 
-    def _connection_closed(self, connection: Connection) -> None:
+    def _connection_closed(self, connection: Transport) -> None:
         self.connections.discard(connection)
         if self._shutting_down:
             if not self.connections:
@@ -233,37 +264,16 @@ class Server:
             self._accept_backoff = False  # a descriptor was freed: worth a try
             self._set_accepting(True)
 
-    # -- answering --------------------------------------------------------
+    # -- handler pools ----------------------------------------------------
 
-    def respond(self, request: Frame) -> Frame:
-        """The response to one request: the app's, or the error frame in its place."""
-        request_id = request.header.get("id")
-        clock = self.handler_clock
-        try:
-            if request.header["content-type"] == "text/json":
-                request.json_content()  # bad-content is checked for every app
-            clock.calls += 1  # see HandlerClock
-            clock.running = True
-            try:
-                response = self.app(request)  # type: ignore[operator]
-            finally:
-                clock.running = False
-            if not isinstance(response, Frame):
-                raise TypeError(f"handler returned {type(response).__name__}, not a Frame")
-        except ProtocolError as exc:
-            code = exc.code if exc.code not in ErrorCode.FATAL else ErrorCode.HANDLER_ERROR
-            return Frame.error(code, exc.message, id=request_id)
-        except HandlerTimeout as exc:
-            log.warning("handler %s interrupted: %s", _app_name(self.app), exc)
-            return Frame.error(ErrorCode.HANDLER_ERROR, str(exc), id=request_id)
-        except Exception as exc:
-            # One line per failure; the traceback too at --log-level debug.
-            log.warning("handler %s raised %s: %s", _app_name(self.app), type(exc).__name__, exc,
-                        exc_info=log.isEnabledFor(logging.DEBUG))
-            return Frame.error(ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}", id=request_id)
-        if request_id is not None and response.header.get("id") != request_id:
-            response = Frame({**response.header, "id": request_id}, response.content)
-        return response
+    def _set_saturated(self, saturated: bool) -> None:
+        """The responder's queue is full (or has drained): stop (resume) reading everywhere."""
+        self._saturated = saturated
+        for connection in list(self.connections):
+            if saturated:
+                connection.pause_reading(PAUSE_QUEUE)
+            else:
+                connection.resume_reading(PAUSE_QUEUE)
 
     # -- timeouts ---------------------------------------------------------
 
@@ -336,6 +346,8 @@ class Server:
             connection.close("server closed")
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
+        # Every connection is closed: nobody waits for the pool any more.
+        self.responder.close(POOL_STOP_TIMEOUT)
         if self._own_loop:
             self.loop.close()
 
@@ -352,8 +364,40 @@ def _bind_accept(accept: Callable[[socket.socket], None], sock: socket.socket) -
     return on_readable
 
 
-def _app_name(app: Any) -> str:
-    return getattr(app, "__qualname__", None) or repr(app)
+def _describe_pool(responder: Responder) -> str:
+    kind = getattr(responder, "kind", "inline")
+    if kind == "inline":
+        return ""
+    if kind == "async":
+        return f", async on {responder.loop_kind}"  # type: ignore[attr-defined]
+    return f", {kind} pool of {responder.size}"  # type: ignore[attr-defined]
+
+
+def make_responder(app: Any, handler_pool: str, pool_size: int | None, limits: Limits,
+                   async_loop: str, log_level: int) -> Responder:
+    """The responder for `app` in `handler_pool`; ValueError for a combination that cannot work."""
+    if handler_pool not in POOL_KINDS:
+        raise ValueError(f"handler pool must be one of {', '.join(POOL_KINDS)}, not {handler_pool!r}")
+    if pool_size is not None and pool_size < 1:
+        raise ValueError("pool size must be >= 1")
+    if isinstance(app, RawEcho):
+        if handler_pool != "inline":
+            raise ValueError("raw-echo has no handler to pool")
+        return InlineResponder(app)  # never called: raw echo answers bytes, not frames
+    pooled = dict(handler_timeout=limits.handler_timeout, max_queued=limits.max_queued)
+    if is_async_app(app):
+        if handler_pool != "inline":
+            raise ValueError(f"the app {app_name(app)} is async (it runs on an asyncio loop): "
+                             f"it cannot run in a {handler_pool} pool; leave out --handler-pool")
+        problem = check_async_loop(async_loop)
+        if problem:
+            raise ValueError(problem)
+        return AsyncResponder(app, loop_kind=async_loop, **pooled)  # type: ignore[arg-type]
+    if handler_pool == "thread":
+        return ThreadPoolResponder(app, pool_size or DEFAULT_THREAD_POOL_SIZE, **pooled)  # type: ignore[arg-type]
+    if handler_pool == "process":
+        return ProcessPoolResponder(app, pool_size, log_level=log_level, **pooled)  # type: ignore[arg-type]
+    return InlineResponder(app)
 
 
 def _bind_listeners(host: str | None, port: int, backlog: int) -> list[socket.socket]:

@@ -1,0 +1,660 @@
+"""The socket side of one accepted connection: partial I/O, interest, backpressure.
+
+A transport moves bytes and knows nothing of frames. Above it sits a session
+(`multiconn.session`), which it feeds what it reads and which tells it what to
+send; below it, the event loop. Its owner (the server) hears of it only through
+the one callback it was given, `on_closed`.
+
+Theory of operation
+-------------------
+Readiness is a hint, never a promise: every ``recv``/``send`` tolerates
+``BlockingIOError``, ``InterruptedError`` and TLS's want-read/want-write, and
+any other ``OSError`` (reset, broken pipe) ends the connection through the one
+`close` path, which unregisters before it closes, runs only once, and tells the
+session the peer is gone (`connection_lost`, so that work for it is cancelled).
+
+Output is written at once; only what the kernel refuses is queued (as
+memoryviews, so a partial send never copies the rest) and only then does the
+transport ask for EVENT_WRITE. The poller interest is recomputed in one place,
+`_update_interest`, and ``modify`` is called only when it changes.
+
+Reading stops for any of several reasons at once, kept as bits in `_paused`:
+pending output past the high-water mark (`PAUSE_OUTPUT`, the transport's own:
+a peer that does not read cannot make the server buffer without bound), and
+the session's (`PAUSE_HELD`, `PAUSE_IN_FLIGHT`, `PAUSE_QUEUE`: requests it
+cannot take yet; `PAUSE_ENDED`: it takes no more). Reading resumes when no bit is left. Below the low-water
+mark the session hears `resume_writing`, on the next loop iteration, so that
+requests it held back can be answered before anything else is read.
+
+Input: each read asks for as much as recent reads suggest (`_read_once`):
+small reads come from CPython's small-object allocator, large ones from
+malloc, and a ping-pong of small messages is cheaper for the difference. A
+session that expects a large content asks (`want_buffer`) to receive it
+straight into a buffer of its own (`_read_into`), signalled through the same
+size field, so the common event pays for no extra check.
+
+Lifecycle (the transport's own, independent of the session's)::
+
+    OPEN --finish()--> FINISHING (flush, then close)
+    OPEN --fail()--> LINGERING (flush, shut down writing, discard input until
+         EOF or `Limits.error_linger`, close)
+    LINGERING --EOF before the output is out--> FINISHING
+    any --reset / timeout / abort / close()--> CLOSED
+
+Preamble stages (the TLS handshake today) run before the session sees a byte:
+while one runs, the loop calls the stage, not the transport (`_start_preamble`),
+so the hot path carries no check for them.
+
+Timeouts are not timers per connection: the server sweeps its connections a few
+times per timeout period and calls `check_timeouts`, so the hot path only stamps
+``loop.now`` into an attribute. Idle means no progress in either direction:
+input stamps `last_activity`, and so does output that moves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+from collections import deque
+from typing import Any, Callable
+
+from .errors import WOULD_BLOCK
+from .limits import Limits
+from .loop import EVENT_READ, EVENT_WRITE, EventLoop
+
+log = logging.getLogger("multiconn.connection")
+
+#: Bytes asked of one ``recv`` while reads are large.
+RECV_SIZE = 64 * 1024
+#: Bytes asked of one ``recv`` while reads are small. ``recv(n)`` allocates n
+#: bytes before it knows how many arrive: up to 512 (with the object's header)
+#: they come from CPython's small-object allocator, above that from malloc,
+#: which costs about 100 ns more per read, a tenth of a small echo's Python time.
+SMALL_RECV_SIZE = 448
+#: A read of at most this many bytes is small. Half of SMALL_RECV_SIZE, so that
+#: messages a little shorter than it do not flip the size at every read.
+SMALL_READ = SMALL_RECV_SIZE // 2
+#: `_recv_size` while the session receives into a buffer of its own (`_read_into`).
+RECV_IN_PLACE = 0
+#: Buffers handed to one ``sendmsg`` (IOV_MAX is 1024 on Linux).
+MAX_IOVECS = 512
+
+# Why reading is paused: bits of `Transport._paused`.
+PAUSE_OUTPUT = 1      #: pending output above the high-water mark
+PAUSE_HELD = 2        #: the session holds requests until output drains
+PAUSE_IN_FLIGHT = 4   #: the connection has --max-in-flight requests unanswered
+PAUSE_QUEUE = 8       #: the server's handler queue is full (--max-queued)
+PAUSE_ENDED = 16      #: the session takes no more input (a fatal error is on its way)
+
+OPEN, FINISHING, LINGERING, CLOSED = "open", "finishing", "lingering", "closed"
+
+_os_read, _os_write = os.read, os.write  # raw echo's fast path: one global lookup each
+
+
+class Transport:
+    """A plain TCP (or Unix) socket, served by the event loop.
+
+    `session` must be attached (`attach`) before the loop runs; `on_closed` is
+    called once, after the socket is closed.
+    """
+
+    #: Whether the socket can send several buffers at once (``sendmsg``).
+    vectored = True
+
+    __slots__ = (
+        "sock", "loop", "limits", "session", "state", "_on_closed", "_out", "_out_size",
+        "_interest", "_paused", "_paused_at", "_draining", "_eof", "last_activity",
+        "last_progress", "_recv_size", "_fd", "_callback", "__weakref__",
+    )
+
+    def __init__(self, sock: socket.socket, loop: EventLoop, limits: Limits,
+                 on_closed: Callable[["Transport"], None]) -> None:
+        self.sock = sock
+        self.loop = loop
+        self.limits = limits
+        self.session: Any = None
+        self.state = OPEN
+        self._on_closed = on_closed
+        # Created on the first partial send and dropped when drained: an idle
+        # connection should not carry an empty deque (760 bytes).
+        self._out: deque[Any] | None = None
+        self._out_size = 0
+        self._paused = 0
+        self._paused_at = 0.0
+        self._draining = False
+        self._eof = False
+        self._recv_size = SMALL_RECV_SIZE
+        self._fd = -1
+        self.last_activity = self.last_progress = loop.now
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._interest = 0
+        self._callback: Callable[[int], None] = self._on_events
+
+    def attach(self, session: Any, *, raw_echo: bool = False) -> None:
+        """Start serving `session`. `raw_echo`: the session echoes every byte,
+        so the common event may take the inlined read-and-write path."""
+        self.session = session
+        if raw_echo and self.vectored:
+            self._fd = self.sock.fileno()
+            self._callback = self._on_raw_echo_events
+        self._start_preamble()
+
+    def _start_preamble(self) -> None:
+        """Hook for a transport with a stage before the session (TLS)."""
+        self._set_interest(EVENT_READ)
+
+    # -- events -----------------------------------------------------------
+
+    def _on_events(self, mask: int) -> None:
+        try:
+            if mask & EVENT_WRITE:
+                self._flush()
+            if mask & EVENT_READ and self.state is not CLOSED:
+                if self._draining:
+                    self._drain_input()
+                else:
+                    self._read_once()
+        except Exception:  # a bug must cost this connection, not the server
+            self._internal_error()
+
+    def _on_raw_echo_events(self, mask: int) -> None:
+        """Raw echo's common event in one call: `_read_once` and `write` inlined.
+
+        Small messages, the state nearly every event of a ping-pong finds
+        (readable, reading small, nothing queued), come here; anything else
+        takes the general path. Raw echo is the event loop's own benchmark,
+        and there the general path's calls are a seventh of the server's
+        Python time. It reads and writes the descriptor with `os.read` and
+        `os.write` (a socket is a file on POSIX; TLS never comes here), which
+        parse their arguments the fast way where ``socket.recv`` and ``send``
+        parse an argument tuple. Maintenance contract: this repeats the steps
+        of `_read_once` and `write`; change them together (figures in
+        benchmarks/results/).
+        """
+        if (mask != EVENT_READ or self._recv_size != SMALL_RECV_SIZE or self._out is not None
+                or self.state is not OPEN or self._draining):
+            self._on_events(mask)
+            return
+        try:
+            fd = self._fd
+            try:
+                data = _os_read(fd, SMALL_RECV_SIZE)
+            except OSError as exc:
+                self._recv_failed(exc)
+                return
+            if not data:
+                self._on_eof()
+                return
+            self.last_activity = self.loop.now
+            received = len(data)
+            if received > SMALL_READ:
+                self._recv_size = RECV_SIZE
+            try:
+                sent = _os_write(fd, data)
+            except WOULD_BLOCK:
+                sent = 0
+            except OSError as exc:
+                self.close(f"send failed: {exc}")
+                return
+            if sent < received:
+                self._queue(memoryview(data)[sent:])
+                self._update_interest()
+        except Exception:  # a bug must cost this connection, not the server
+            self._internal_error()
+
+    def _internal_error(self) -> None:
+        log.exception("%s: unexpected error; closing the connection", self)
+        self.close("internal error")
+
+    def _read_once(self) -> bool:
+        """One ``recv``; False when the kernel had nothing or the connection ended.
+
+        The size asked adapts: large after a read of more than SMALL_READ
+        bytes, small after two small reads in a row (the first of them steps
+        down to half of RECV_SIZE, which costs the same as RECV_SIZE). So a
+        bulk transfer pays one short read to grow and a ping-pong of small
+        messages reads small.
+        """
+        size = self._recv_size
+        if size == RECV_IN_PLACE:
+            return self._read_into()
+        try:
+            data = self.sock.recv(size)
+        except OSError as exc:
+            self._recv_failed(exc)
+            return False
+        if not data:
+            self._on_eof()
+            return False
+        self.last_activity = self.loop.now
+        if len(data) > SMALL_READ:
+            self._recv_size = RECV_SIZE
+        elif size != SMALL_RECV_SIZE:
+            self._recv_size = RECV_SIZE // 2 if size == RECV_SIZE else SMALL_RECV_SIZE
+        if self.state is OPEN:  # lingering: discard until EOF, so the error frame is not lost to a reset
+            self.session.data_received(data)
+        return True
+
+    def _read_into(self) -> bool:
+        """Receive into the session's own buffer (a large content), never past its end.
+
+        The steps of `_read_once`, spelled out rather than shared: it runs on
+        every event of a bulk transfer.
+        """
+        self._recv_size = RECV_SIZE  # the session asks again if it still wants a buffer
+        view = self.session.get_buffer() if self.state is OPEN else None
+        if view is None:
+            return self._read_once()
+        try:
+            received = self.sock.recv_into(view)
+        except OSError as exc:
+            self._recv_failed(exc)
+            return False
+        finally:
+            view.release()
+        if not received:
+            self._on_eof()
+            return False
+        self.last_activity = self.loop.now
+        self.session.buffer_updated(received)
+        return True
+
+    def want_buffer(self) -> None:
+        """The session's next input is a large content: read it into `get_buffer()`."""
+        self._recv_size = RECV_IN_PLACE
+
+    def _recv_failed(self, exc: OSError) -> None:
+        if not isinstance(exc, WOULD_BLOCK):  # would block: readiness was only a hint
+            self.close(f"recv failed: {exc}")
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        if self.state is LINGERING and not self._out:
+            # The error frame is out and our sending side shut down: done.
+            self.close("peer closed after error")
+            return
+        if self.state is LINGERING:
+            # The peer will not reset us now: flush the error frame, then close.
+            self.state = OPEN
+            self.finish()
+            return
+        self._update_interest()
+        self.session.eof_received()  # the session answers what is complete, then calls finish()
+
+    # -- what the session asks --------------------------------------------
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Send `data` now as far as the kernel takes it; queue the rest."""
+        if self.state is OPEN and not self._out:
+            # The common case: the kernel takes it all and nothing is queued.
+            try:
+                sent = self.sock.send(data)
+            except WOULD_BLOCK:
+                sent = 0
+            except OSError as exc:
+                self.close(f"send failed: {exc}")
+                return
+            if sent == len(data):
+                return
+            self._queue(memoryview(data)[sent:])
+            self._update_interest()
+        elif self.state is not CLOSED and data:
+            self._queue(data)
+            if len(self._out) == 1:
+                self._flush()
+
+    def write_many(self, parts: list[bytes]) -> None:
+        """Queue several buffers (large contents: no join copy) and send."""
+        if self.state is CLOSED:
+            return
+        was_empty = not self._out
+        for part in parts:
+            if part:
+                self._queue(part)
+        if was_empty and self._out:
+            self._flush()
+
+    @property
+    def pending_output(self) -> int:
+        return self._out_size
+
+    def pause_reading(self, reason: int) -> None:
+        if not self._paused:
+            self._paused_at = self.loop.now
+        self._paused |= reason
+        self._update_interest()
+
+    def resume_reading(self, reason: int) -> None:
+        if not self._paused & reason:
+            return
+        self._paused &= ~reason
+        if self._paused:
+            return
+        self.session.reading_resumed(self.loop.now - self._paused_at)
+        self._update_interest()
+        if self.state is OPEN and self._draining:
+            self.loop.call_soon(self._drain_input)
+        else:
+            self._after_resume()
+
+    def _after_resume(self) -> None:
+        """Hook: TLS may hold decrypted bytes that no poll will report."""
+
+    @property
+    def reading_paused(self) -> int:
+        return self._paused
+
+    def finish(self) -> None:
+        """The session is done: flush what is pending, then close."""
+        if self.state not in (OPEN, LINGERING):
+            return
+        self.state = FINISHING
+        if not self._out:
+            self.close("done")
+        else:
+            self._update_interest()
+
+    def fail(self) -> None:
+        """The session wrote a fatal error frame: flush it, shut down writing,
+        and discard input until EOF or the linger ends, so that the peer reads
+        the error frame instead of a reset."""
+        if self.state is not OPEN:
+            return
+        if self._eof:  # the peer has closed its side: nothing would reset
+            self.finish()
+            return
+        self.state = LINGERING
+        if not self._out:
+            self._linger()
+        else:
+            self._update_interest()
+
+    def _linger(self) -> None:
+        self._paused = 0  # read and discard, so that closing sends no reset
+        self._shutdown_write()
+        self.loop.call_later(self.limits.error_linger, self.close, "error linger over")
+        self._update_interest()
+
+    def drain(self) -> None:
+        """Server shutdown: read what the peer already sent, then end the input."""
+        if self.state is not OPEN or self._draining:
+            return
+        self._draining = True
+        if not self._paused:
+            self._drain_input()
+
+    def _drain_input(self) -> None:
+        while self.state is OPEN and not self._paused and not self._eof:
+            if not self._read_once():
+                break
+        if self.state is OPEN and not self._paused and not self._eof:
+            self._eof = True  # no more input will be taken
+            self._update_interest()
+            self.session.input_ended("server shutting down")
+
+    # -- output -----------------------------------------------------------
+
+    def _queue(self, data: bytes | memoryview) -> None:
+        out = self._out
+        if not out:
+            if out is None:
+                out = self._out = deque()
+            self.last_progress = self.loop.now
+        out.append(data)
+        self._out_size += len(data)
+        if self._out_size > self.limits.high_water and not self._paused & PAUSE_OUTPUT:
+            self.pause_reading(PAUSE_OUTPUT)
+
+    def _flush(self) -> None:
+        out = self._out
+        sock = self.sock
+        while out:
+            try:
+                if len(out) == 1 or not self.vectored:
+                    attempted = len(out[0])
+                    sent = sock.send(out[0])
+                else:
+                    batch = list(_first(out, MAX_IOVECS))
+                    attempted = sum(map(len, batch))
+                    sent = sock.sendmsg(batch)
+            except WOULD_BLOCK:
+                break
+            except OSError as exc:
+                self.close(f"send failed: {exc}")
+                return
+            self.last_progress = self.last_activity = self.loop.now
+            self._out_size -= sent
+            _consume(out, sent)
+            if sent < attempted:
+                break  # the kernel's buffer is full: wait for EVENT_WRITE
+        if self._out:
+            self._update_interest()
+        else:
+            self._out = None
+            self._on_output_flushed()
+        if self._paused and self._out_size <= self.limits.low_water:
+            if self._paused & PAUSE_HELD and self.state is OPEN:
+                self.loop.call_soon(self.session.resume_writing)
+            self.resume_reading(PAUSE_OUTPUT)
+
+    def _on_output_flushed(self) -> None:
+        if self.state is FINISHING:
+            self.close("done")
+        elif self.state is LINGERING:
+            self._linger()
+        else:
+            self._update_interest()
+
+    # -- interest ---------------------------------------------------------
+
+    def _update_interest(self) -> None:
+        """Ask the poller for exactly what this connection can use now."""
+        if self.state is CLOSED:
+            return
+        reading = not self._paused and self.state is not FINISHING and not (self._eof and self.state is OPEN)
+        self._set_interest((EVENT_READ if reading else 0) | (EVENT_WRITE if self._out else 0))
+
+    def _set_interest(self, interest: int) -> None:
+        current = self._interest
+        if interest == current:
+            return
+        if not interest:
+            self.loop.unregister(self.sock)
+        elif not current:
+            self.loop.register(self.sock, interest, self._callback)
+        else:
+            self.loop.modify(self.sock, interest, self._callback)
+        self._interest = interest
+
+    # -- timeouts and closing ---------------------------------------------
+
+    def check_timeouts(self, now: float) -> None:
+        """Called by the server's sweep: the session's timeouts, then idleness.
+
+        Idle means no progress either way: no input, no output that moved, and
+        nothing the session is working on (a partial frame, a request in a pool).
+        """
+        if self.state is LINGERING and not self._out:
+            return  # the linger timer ends it
+        # While reading is paused the server holds the peer up: no frame timeout.
+        if self.state is OPEN and not self._paused and self.session.check_timeouts(now):
+            return
+        if self.state is CLOSED:
+            return
+        if self._out:
+            if now - self.last_progress >= self.limits.idle_timeout:
+                self.close("pending output did not move for the idle timeout")
+        elif self.session.is_idle() and now - self.last_activity >= self.limits.idle_timeout:
+            self.close("idle timeout")
+
+    def _shutdown_write(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # already reset by the peer: the next read or the linger timer closes it
+
+    def close(self, reason: str = "closed") -> None:
+        """Unregister and close the socket; runs once."""
+        if self.state is CLOSED:
+            return
+        self.state = CLOSED
+        log.debug("%s: closed (%s)", self, reason)
+        if self._interest:
+            self.loop.unregister(self.sock)
+        self._interest = 0
+        self.sock.close()
+        self._out = None
+        self._out_size = 0
+        if self.session is not None:
+            self.session.connection_lost()
+        self._on_closed(self)
+
+    @property
+    def peer(self) -> Any:
+        """The peer's address (looked up when asked: most connections never are)."""
+        try:
+            return self.sock.getpeername()
+        except OSError:
+            return None
+
+    def __repr__(self) -> str:
+        return f"<connection {format_peer(self.peer)} {self.state}>"
+
+
+class TLSTransport(Transport):
+    """TLS over an ``ssl.SSLSocket``: the handshake as a preamble stage, then
+    the same reads and writes, with the few differences TLS brings:
+
+    * one ``recv`` returns at most one TLS record, and decrypted bytes can wait
+      inside the SSL object (``pending()``) while the socket itself has nothing
+      to read: those are read at once, or no poll would ever report them;
+    * ``SSLSocket`` has no ``sendmsg``, and shutting down its sending side
+      would drop the TLS session, so neither is used.
+    """
+
+    __slots__ = ("_handshake",)
+    vectored = False
+    sock: ssl.SSLSocket
+
+    def __init__(self, sock: ssl.SSLSocket, loop: EventLoop, limits: Limits,
+                 on_closed: Callable[["Transport"], None]) -> None:
+        super().__init__(sock, loop, limits, on_closed)
+        self._handshake: TLSHandshake | None = None
+
+    def _start_preamble(self) -> None:
+        self._handshake = TLSHandshake(self)
+        self._handshake.step()
+
+    def preamble_done(self) -> None:
+        self._handshake = None
+        self.last_activity = self.loop.now
+        self._set_interest(0)  # re-register with the transport's own callback
+        self._update_interest()
+        self._read_once()
+
+    def _read_once(self) -> bool:
+        progressed = super()._read_once()
+        while progressed and self.state is OPEN and not self._paused and self.sock.pending():
+            progressed = super()._read_once()
+        return progressed
+
+    def _after_resume(self) -> None:
+        if self.state is OPEN and self.sock.pending():
+            self.loop.call_soon(self._on_events, EVENT_READ)
+
+    def _shutdown_write(self) -> None:
+        pass
+
+    def check_timeouts(self, now: float) -> None:
+        if self._handshake is not None:
+            if now - self.last_activity >= self.limits.frame_timeout:
+                log.info("%s: TLS handshake not done within %g s", self, self.limits.frame_timeout)
+                self.close("TLS handshake timed out")
+            return
+        super().check_timeouts(now)
+
+
+class TLSHandshake:
+    """The TLS handshake as a preamble stage: the loop calls it, not the
+    transport, until it is done; the frame timeout bounds it (`check_timeouts`)."""
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: TLSTransport) -> None:
+        self.transport = transport
+
+    def on_events(self, mask: int) -> None:
+        try:
+            self.step()
+        except Exception:  # a bug must cost this connection, not the server
+            self.transport._internal_error()
+
+    def step(self) -> None:
+        transport = self.transport
+        try:
+            transport.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._wait_for(EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._wait_for(EVENT_WRITE)
+            return
+        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
+            log.info("%s: TLS handshake failed: %s", transport, reason)
+            self._abandon()
+            return
+        log.debug("%s: TLS established (%s)", transport, transport.sock.version())
+        transport.preamble_done()
+
+    def _wait_for(self, interest: int) -> None:
+        transport = self.transport
+        if transport._interest == interest:
+            return
+        if transport._interest:
+            transport.loop.modify(transport.sock, interest, self.on_events)
+        else:
+            transport.loop.register(transport.sock, interest, self.on_events)
+        transport._interest = interest
+
+    def _abandon(self) -> None:
+        """Close without a reset: stop TLS, send FIN, discard input until EOF or the linger ends."""
+        transport = self.transport
+        transport._handshake = None
+        transport.state = LINGERING
+        try:
+            transport.sock.shutdown(socket.SHUT_WR)  # also drops the SSL object: plain reads from here
+        except OSError:
+            pass  # already reset by the peer: the next read or the linger timer closes it
+        transport.loop.call_later(transport.limits.error_linger, transport.close, "error linger over")
+        transport._set_interest(0)
+        transport._set_interest(EVENT_READ)
+
+
+def _consume(out: deque, sent: int) -> None:
+    """Drop `sent` bytes from the front of the output queue, without copying."""
+    while sent:
+        head = out[0]
+        size = len(head)
+        if sent < size:
+            out[0] = memoryview(head)[sent:]
+            return
+        out.popleft()
+        sent -= size
+
+
+def _first(items: deque, count: int) -> Any:
+    if len(items) <= count:
+        return items
+    return (items[i] for i in range(count))
+
+
+def format_peer(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else peer[0]
+        return f"{host}:{peer[1]}"
+    return str(peer)
