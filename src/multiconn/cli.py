@@ -19,7 +19,9 @@ from .apps import load_app
 from .client import DEFAULT_TIMEOUT, connect
 from .errors import AppLoadError, ErrorResponse, MulticonnError
 from .limits import Limits
+from .process_pool import default_process_pool_size
 from .protocol import DEFAULT_MAX_CONTENT, Frame
+from .responders import ASYNC_LOOPS, DEFAULT_THREAD_POOL_SIZE, POOL_KINDS
 from .server import Server
 
 DEFAULT_HOST = "127.0.0.1"
@@ -82,6 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"on shutdown, abort what is not done after this long (default {_DEFAULTS.drain_timeout:g})")
     serve.add_argument("--handler-timeout", type=positive_float, default=_DEFAULTS.handler_timeout, metavar="SECONDS",
                        help=f"interrupt a handler call that runs longer, answering handler-error (default {_DEFAULTS.handler_timeout:g})")
+    serve.add_argument("--handler-pool", choices=POOL_KINDS, default="inline",
+                       help="where handlers run: inline in the event loop (default; fastest for handlers that "
+                            "neither wait nor compute), thread (blocking I/O), process (CPU-bound work). "
+                            "An async def app runs on an asyncio loop by itself and takes no pool")
+    serve.add_argument("--pool-size", type=positive_int, default=None, metavar="N",
+                       help=f"threads or processes in the pool (default {DEFAULT_THREAD_POOL_SIZE} threads, "
+                            f"or one process per CPU: {default_process_pool_size()} here)")
+    serve.add_argument("--max-in-flight", type=positive_int, default=_DEFAULTS.max_in_flight, metavar="N",
+                       help=f"requests one connection may have in a pool; at that many it is not read "
+                            f"(default {_DEFAULTS.max_in_flight})")
+    serve.add_argument("--max-queued", type=positive_int, default=_DEFAULTS.max_queued, metavar="N",
+                       help=f"requests the server may have waiting for a pool; past it no connection is read "
+                            f"until the queue drains (default {_DEFAULTS.max_queued})")
+    serve.add_argument("--async-loop", choices=ASYNC_LOOPS, default="asyncio",
+                       help="event loop for an async def app (default asyncio; uvloop if installed)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="logging threshold (default info)")
     serve.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain (PEM)")
@@ -152,11 +169,21 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     limits = Limits(
         max_content=args.max_content, frame_timeout=args.frame_timeout, idle_timeout=args.idle_timeout,
         max_connections=args.max_connections, drain_timeout=args.drain_timeout,
-        handler_timeout=args.handler_timeout,
+        handler_timeout=args.handler_timeout, max_in_flight=args.max_in_flight, max_queued=args.max_queued,
     )
-    server = Server(app, args.host, args.port, limits=limits, ssl_context=ssl_context)
+    if args.pool_size is not None and args.handler_pool == "inline":
+        parser.error("--pool-size needs --handler-pool thread or process")
+    try:
+        server = Server(app, args.host, args.port, limits=limits, ssl_context=ssl_context,
+                        handler_pool=args.handler_pool, pool_size=args.pool_size, async_loop=args.async_loop,
+                        log_level=logging.getLogger().level)
+    except (ValueError, AppLoadError) as exc:
+        parser.error(str(exc))
     try:
         server.start()
+    except AppLoadError as exc:
+        server.close()
+        parser.error(f"--app: {exc}")
     except (OSError, UnicodeError) as exc:
         server.close()
         reason = getattr(exc, "strerror", None) or "invalid host name"
