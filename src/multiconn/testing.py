@@ -240,3 +240,123 @@ def process_open_fds(pid: int) -> int | None:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return None
+
+
+class ManualClock:
+    """A clock that moves only when told: a session reads ``now``, a test calls `advance`."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class MemoryTransport:
+    """The socket side of a session, in memory: drive a session with no socket.
+
+    Bytes in: `feed` (in pieces of any size, the way ``recv`` would return
+    them, including a session's request to receive straight into its own
+    buffer), `eof`, `lose` (the peer reset). Actions out: `output` (every byte
+    the session sent), `paused` (the reasons it stopped reading, bits of
+    ``multiconn.transport.PAUSE_*``), and `finished` / `failed` (it ended the
+    connection, cleanly or after an error frame). Set `pending` to pretend the
+    peer has not read that many bytes yet (backpressure), then `drain` to let
+    them go; the session hears `resume_writing` as a real transport would say it.
+
+    >>> from multiconn.session import FramedSession, SessionContext
+    >>> from multiconn.responders import InlineResponder
+    >>> from multiconn import Limits, echo, encode_frame, Frame
+    >>> transport = MemoryTransport()
+    >>> session = FramedSession(transport, SessionContext(InlineResponder(echo), Limits(), ManualClock()))
+    >>> transport.attach(session)
+    >>> transport.feed(encode_frame(Frame.binary(b"hi", id=1)), chunk=1)
+    >>> transport.take_frames()[0].content
+    b'hi'
+    """
+
+    def __init__(self, low_water: int = 256 * 1024) -> None:
+        self.session: Any = None
+        self.output = bytearray()
+        self.pending = 0
+        self.low_water = low_water
+        self.paused = 0
+        self.finished = False
+        self.failed = False
+        self.lost = False
+        self._wants_buffer = False
+
+    def attach(self, session: Any) -> None:
+        self.session = session
+
+    # -- bytes in -------------------------------------------------------------
+
+    def feed(self, data: bytes, chunk: int | None = None) -> None:
+        """Deliver `data` as a transport would, `chunk` bytes per read (default: all at once)."""
+        step = chunk or max(1, len(data))
+        view = memoryview(data)
+        while view:
+            if self._wants_buffer:
+                self._wants_buffer = False
+                buffer = self.session.get_buffer()
+                if buffer is not None:
+                    size = min(len(buffer), len(view), step)
+                    buffer[:size] = view[:size]
+                    buffer.release()
+                    view = view[size:]
+                    self.session.buffer_updated(size)
+                    continue
+            piece, view = bytes(view[:step]), view[step:]
+            self.session.data_received(piece)
+
+    def eof(self) -> None:
+        self.session.eof_received()
+
+    def lose(self) -> None:
+        """The peer reset the connection."""
+        self.lost = True
+        self.session.connection_lost()
+
+    def drain(self) -> None:
+        """The peer read everything pending: below the low-water mark, the session may write again."""
+        self.pending = 0
+        self.session.resume_writing()
+
+    # -- what the session asks ---------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self.output += data
+
+    def write_many(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self.output += part
+
+    @property
+    def pending_output(self) -> int:
+        return self.pending
+
+    def want_buffer(self) -> None:
+        self._wants_buffer = True
+
+    def pause_reading(self, reason: int) -> None:
+        self.paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        self.paused &= ~reason
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def fail(self) -> None:
+        self.failed = True
+
+    # -- reading the output -------------------------------------------------
+
+    def take_frames(self) -> list[Any]:
+        """Decode and remove every complete frame the session has sent."""
+        from .protocol import FrameDecoder
+
+        decoder = FrameDecoder(max_content=1 << 30)
+        frames = decoder.feed(bytes(self.output))
+        del self.output[:len(self.output) - decoder.buffered]
+        return frames
