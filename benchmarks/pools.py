@@ -811,15 +811,19 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
-def git_revision():
+def git_revision(multiconn_dir):
+    """The commit, and where the multiconn that ran came from when that is not this commit's src/."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
+                              text=True, timeout=10).stdout.strip() or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return f"{head} (src/ had uncommitted changes: the servers ran the working tree)" if dirty else (head or "unknown")
+    ours = os.path.join(ROOT, "src", "multiconn")
+    if os.path.realpath(multiconn_dir) != os.path.realpath(ours):
+        return f"{head}; multiconn imported from `{multiconn_dir}`"
+    return f"{head} (src/ had uncommitted changes: the servers ran the working tree)" if dirty else head
 
 
 def has_pool_flags(env):
@@ -873,6 +877,8 @@ def interrupted(signum, frame):
 def main(argv=None):
     args = parse_args(argv)
     command = "python benchmarks/pools.py" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if os.environ.get("PYTHONPATH"):
+        command = f"PYTHONPATH={shlex.quote(os.environ['PYTHONPATH'])} " + command
     signal.signal(signal.SIGTERM, interrupted)
     notes, versions = [], {}
     env = dict(os.environ)
@@ -959,7 +965,8 @@ def main(argv=None):
         log("interrupted: no report written (every server was stopped)")
         return 130
     meta = {"command": command, "cpus": os.cpu_count(), "cpu_model": cpu_model(), "python": platform.python_version(),
-            "os": f"{platform.system()} {platform.release()}", "git": git_revision(), "versions": versions,
+            "os": f"{platform.system()} {platform.release()}", "versions": versions,
+            "git": git_revision(os.path.dirname(os.path.abspath(multiconn.__file__))),
             "pinning": pinning, "notes": notes, "date": started.strftime("%Y-%m-%d %H:%M %Z"),
             "elapsed_min": (datetime.datetime.now().astimezone() - started).total_seconds() / 60,
             "cpu_iterations": iterations, "cpu_ms": 1e3 * statistics.median(times)}
