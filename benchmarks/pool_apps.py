@@ -71,20 +71,25 @@ def spin_result(iterations: int) -> int:
 
 
 def calibrate(target: float = CPU_TARGET_SECONDS, samples: int = 7) -> int:
-    """The loop count of `spin` that takes about `target` seconds here (median of samples)."""
+    """The loop count of `spin` that takes about `target` seconds of CPU here (median of samples).
+
+    Timed with the thread's CPU clock, so that time-slicing by other processes
+    on a busy machine does not count.
+    """
+    clock = time.thread_time
     n = 10_000
     while True:  # grow until one call is long enough to time well
-        start = time.perf_counter()
+        start = clock()
         spin(n)
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         if elapsed >= target / 4:
             break
         n *= 2
     times = []
     for _ in range(samples):
-        start = time.perf_counter()
+        start = clock()
         spin(n)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     times.sort()
     return max(1, round(n * target / times[len(times) // 2]))
 
