@@ -1101,6 +1101,30 @@ def test_idle_timeout_closes_peer_whose_output_does_not_move(start_server: Any, 
     assert took < 8.0
 
 
+def test_a_slow_steady_reader_is_not_idle(start_server: Any, open_raw: Any) -> None:
+    """Idle means no progress in either direction: a large answer that takes
+    longer than the idle timeout to deliver, read slowly but steadily, keeps
+    the connection open, and the next request is answered."""
+    server = start_server("echo", limits=Limits(idle_timeout=0.5))
+    conn = open_raw(server.address)
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+    content = os.urandom(4 * MiB)
+    conn.sendall(encode_frame(Frame.binary(content, id=1)))
+    decoder = FrameDecoder(max_content=64 * MiB)
+    started = time.monotonic()
+    frames: list[Frame] = []
+    while not frames:  # about 2.5 MiB/s: 1.6 s, three idle timeouts
+        data = conn.sock.recv(32 * KiB)
+        assert data, f"closed as idle after {time.monotonic() - started:.2f} s of steady reading"
+        frames = decoder.feed(data)
+        time.sleep(0.0125)
+    assert time.monotonic() - started > 1.0
+    assert bytes(frames[0].content) == content
+    time.sleep(0.1)  # well within the idle timeout after the last byte arrived
+    conn.sendall(encode_frame(Frame.binary(b"next", id=2)))
+    assert conn.recv_frames(1)[0].id == 2
+
+
 # -- 10. max-connections ----------------------------------------------------------------------
 
 

@@ -211,7 +211,11 @@ class PooledResponder:
         self.max_queued = max_queued
         self.loop: EventLoop | None = None
         self._on_saturated: Callable[[bool], None] = lambda saturated: None
-        self._saturated = False
+        #: True from the moment `max_queued` jobs wait until half of them are gone.
+        self.saturated = False
+        self._saturations = 0
+        #: Sessions with requests they could not submit while saturated.
+        self._waiting_sessions: list[Any] = []
         #: Jobs submitted and neither answered nor cancelled.
         self.outstanding = 0
         self._completed: deque[tuple[Job, Frame]] = deque()
@@ -233,11 +237,18 @@ class PooledResponder:
     def submit(self, job: "Job") -> None:
         self.outstanding += 1
         self._submit(job)
-        if not self._saturated and self.outstanding >= self.max_queued + self.capacity:
-            self._saturated = True
-            log.warning("handler queue full (%d waiting): pausing reads on every connection",
-                        self.outstanding - self.capacity)
+        if not self.saturated and self.outstanding >= self.max_queued + self.capacity:
+            self.saturated = True
+            self._saturations += 1
+            # The first time at WARNING; a server that lives at its limit would say it forever.
+            log.log(logging.WARNING if self._saturations == 1 else logging.DEBUG,
+                    "handler queue full (%d waiting, --max-queued): pausing reads on every connection "
+                    "(%d times so far)", self.outstanding - self.capacity, self._saturations)
             self._on_saturated(True)
+
+    def wait_for_room(self, session: Any) -> None:
+        """`session` has requests to submit once the queue is no longer full."""
+        self._waiting_sessions.append(session)
 
     def cancel(self, job: "Job") -> None:
         if job.cancelled or job.response is not None:
@@ -255,9 +266,12 @@ class PooledResponder:
 
     def _settled(self) -> None:
         self.outstanding -= 1
-        if self._saturated and self.outstanding <= (self.max_queued // 2) + self.capacity:
-            self._saturated = False
-            log.info("handler queue drained: reading again")
+        if self.saturated and self.outstanding <= (self.max_queued // 2) + self.capacity:
+            self.saturated = False
+            log.debug("handler queue drained: reading again")
+            waiting, self._waiting_sessions = self._waiting_sessions, []
+            for session in waiting:
+                session.room_available()
             self._on_saturated(False)
 
     def _drain_completed(self) -> None:

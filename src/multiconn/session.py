@@ -357,8 +357,12 @@ class PooledFramedSession(FramedSession):
         if jobs is None:
             jobs = self._jobs = deque()
         limit = self.context.limits.max_in_flight
-        submit = self.context.responder.submit
+        responder = self.context.responder
+        submit = responder.submit
         while held and len(jobs) < limit:
+            if responder.saturated:  # --max-queued: the rest waits until the queue has room
+                responder.wait_for_room(self)
+                break
             job = Job(held.popleft(), self)
             jobs.append(job)
             submit(job)
@@ -395,6 +399,11 @@ class PooledFramedSession(FramedSession):
         if not jobs:
             self._jobs = None
         self._maybe_done()
+
+    def room_available(self) -> None:
+        """The server's handler queue has room again (see `wait_for_room`)."""
+        if self.state is not CLOSED and self._held:
+            self._start_held()
 
     def resume_writing(self) -> None:
         """Pooled answers are written when done; backpressure stops reading only."""

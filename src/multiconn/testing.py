@@ -23,6 +23,7 @@ from .client import Client, connect
 from .errors import ServerStartError
 from .limits import Limits
 from .server import Server
+from .transport import PAUSE_ENDED
 
 
 class ServerThread:
@@ -114,6 +115,11 @@ class ServerProcess:
         self._listening.wait(timeout)
         if self.port is None:
             status = self.proc.poll()
+            if status is None and not self._reader.is_alive():  # stderr closed: the exit is moments away
+                try:
+                    status = self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
             self.stop()
             last = self.lines[-1] if self.lines else "no output"
             if status is None:
@@ -292,10 +298,17 @@ class MemoryTransport:
     # -- bytes in -------------------------------------------------------------
 
     def feed(self, data: bytes, chunk: int | None = None) -> None:
-        """Deliver `data` as a transport would, `chunk` bytes per read (default: all at once)."""
+        """Deliver `data` as a transport would, `chunk` bytes per read (default: all at once).
+
+        Once the session takes no more input (``PAUSE_ENDED``: a fatal error is
+        owed) or the connection has ended, the rest is discarded, as a real
+        transport stops reading and then discards input while it lingers.
+        """
         step = chunk or max(1, len(data))
         view = memoryview(data)
         while view:
+            if self.paused & PAUSE_ENDED or self.finished or self.failed or self.lost:
+                return
             if self._wants_buffer:
                 self._wants_buffer = False
                 buffer = self.session.get_buffer()

@@ -53,10 +53,13 @@ input stamps `last_activity`, and so does output that moves.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
 import ssl
+import struct
+import termios
 from collections import deque
 from typing import Any, Callable
 
@@ -90,6 +93,9 @@ PAUSE_ENDED = 16      #: the session takes no more input (a fatal error is on it
 
 OPEN, FINISHING, LINGERING, CLOSED = "open", "finishing", "lingering", "closed"
 
+#: ioctl that reads how many sent bytes the kernel still holds (Linux: SIOCOUTQ).
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
+
 _os_read, _os_write = os.read, os.write  # raw echo's fast path: one global lookup each
 
 
@@ -106,7 +112,7 @@ class Transport:
     __slots__ = (
         "sock", "loop", "limits", "session", "state", "_on_closed", "_out", "_out_size",
         "_interest", "_paused", "_paused_at", "_draining", "_eof", "last_activity",
-        "last_progress", "_recv_size", "_fd", "_callback", "__weakref__",
+        "last_progress", "_recv_size", "_fd", "_callback", "_kernel_unsent", "__weakref__",
     )
 
     def __init__(self, sock: socket.socket, loop: EventLoop, limits: Limits,
@@ -127,6 +133,7 @@ class Transport:
         self._eof = False
         self._recv_size = SMALL_RECV_SIZE
         self._fd = -1
+        self._kernel_unsent = 0
         self.last_activity = self.last_progress = loop.now
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -485,11 +492,51 @@ class Transport:
             return
         if self.state is CLOSED:
             return
+        if self._interest == 0 and self.state is OPEN and self._probe_peer_gone():
+            return
         if self._out:
             if now - self.last_progress >= self.limits.idle_timeout:
                 self.close("pending output did not move for the idle timeout")
         elif self.session.is_idle() and now - self.last_activity >= self.limits.idle_timeout:
-            self.close("idle timeout")
+            if self._kernel_output_moved():
+                self.last_activity = now
+            else:
+                self.close("idle timeout")
+
+    def _kernel_output_moved(self) -> bool:
+        """Whether bytes we sent are still in the kernel's send queue and fewer
+        than at the last look: the peer is reading slowly, not idle.
+
+        Our last ``send`` may have handed the kernel megabytes (its buffer grows
+        with the connection), so a peer still reading them long after looks
+        idle from here. Asked only when the idle timeout would fire.
+        """
+        if _OUTQ is None:
+            return False
+        try:
+            unsent = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            return False
+        before, self._kernel_unsent = self._kernel_unsent, unsent
+        return 0 < unsent != before
+
+    def _probe_peer_gone(self) -> bool:
+        """Close the connection if its peer reset it; True if so.
+
+        A connection paused for the session (its requests wait in a pool) with
+        nothing to send is not in the poller at all, so nothing would report a
+        reset, and the work queued for a peer that is gone would all run. The
+        sweep peeks at such connections instead: one ``recv(MSG_PEEK)`` per
+        sweep, and only for them. A FIN (b"") is a half-close, not a departure.
+        """
+        try:
+            socket.socket.recv(self.sock, 1, socket.MSG_PEEK)  # the TCP stream, under any TLS
+        except WOULD_BLOCK:
+            return False
+        except OSError as exc:
+            self.close(f"peer gone while its requests waited: {exc}")
+            return True
+        return False
 
     def _shutdown_write(self) -> None:
         try:
