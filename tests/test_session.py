@@ -412,9 +412,6 @@ def fail_sends_after_the_first(transport: MemoryTransport) -> None:
     transport.write = write_then_reset  # type: ignore[method-assign]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: FramedSession._answer holds the rest of a read after its write "
-                   "closed the connection: connection_lost dropped _held, then _answer sets it again, so a "
-                   "CLOSED session keeps the requests and is_idle() stays False")
 def test_a_reset_while_answering_drops_the_requests_it_would_hold() -> None:
     session, transport = open_session(**HOLDING)
     transport.pending = 90

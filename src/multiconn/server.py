@@ -44,7 +44,8 @@ from .responders import (
     is_async_app,
 )
 from .session import FramedSession, PooledFramedSession, RawEchoSession, SessionContext
-from .transport import PAUSE_QUEUE, TLSTransport, Transport
+from .tls import TLSHandshake, TLSTransport
+from .transport import PAUSE_QUEUE, StageFactory, Transport
 from .watchdog import Watchdog
 
 log = logging.getLogger("multiconn.server")
@@ -129,6 +130,8 @@ class Server:
         self._own_loop = loop is None
         self.loop = loop if loop is not None else EventLoop()
         self._transport_class: type[Transport] = Transport if ssl_context is None else TLSTransport
+        #: What runs on each connection before the session, in order (see transport.Stage).
+        self._preamble: tuple[StageFactory, ...] = () if ssl_context is None else (TLSHandshake,)
         if self._raw_echo:
             self._session_class: Any = RawEchoSession
         elif self.responder.inline:
@@ -227,7 +230,8 @@ class Server:
             try:
                 if self.ssl_context is not None:
                     sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                connection = self._transport_class(sock, self.loop, self.limits, self._on_connection_closed)
+                connection = self._transport_class(sock, self.loop, self.limits, self._on_connection_closed,
+                                                   self._preamble)
                 connection.attach(self._session_class(connection, self._context), raw_echo=self._raw_echo)
             except OSError as exc:  # e.g. the peer reset before we set it up
                 log.debug("could not set up connection from %s: %s", peer, exc)

@@ -240,7 +240,7 @@ class FramedSession:
             transport.write(b"".join(parts))
         else:
             transport.write_many(parts)
-        if held:
+        if held and self.state is not CLOSED:  # a failed send closed it: nothing to hold for
             self._held = deque(held)
             transport.pause_reading(PAUSE_HELD)
             self.resume_writing()

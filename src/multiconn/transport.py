@@ -41,9 +41,10 @@ Lifecycle (the transport's own, independent of the session's)::
     LINGERING --EOF before the output is out--> FINISHING
     any --reset / timeout / abort / close()--> CLOSED
 
-Preamble stages (the TLS handshake today) run before the session sees a byte:
-while one runs, the loop calls the stage, not the transport (`_start_preamble`),
-so the hot path carries no check for them.
+Preamble stages (`Stage`: the TLS handshake today, the PROXY header next) run
+in order before the session sees a byte. While one runs, the loop calls the
+stage, not the transport (`watch`), so the hot path carries no check for them;
+a new stage is one class and one entry in the server's list of stages.
 
 Timeouts are not timers per connection: the server sweeps its connections a few
 times per timeout period and calls `check_timeouts`, so the hot path only stamps
@@ -61,7 +62,7 @@ import ssl
 import struct
 import termios
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 from .errors import WOULD_BLOCK
 from .limits import Limits
@@ -93,6 +94,22 @@ PAUSE_ENDED = 16      #: the session takes no more input (a fatal error is on it
 
 OPEN, FINISHING, LINGERING, CLOSED = "open", "finishing", "lingering", "closed"
 
+
+class Stage(Protocol):
+    """A preamble stage: runs on the socket before the session sees a byte.
+
+    `start` either finishes at once or asks for readiness with
+    `Transport.watch`; when done it calls `Transport.stage_done`, and to refuse
+    the connection `Transport.reject`. A stage consumes only its own bytes
+    (peek first, as HAProxy's PROXY protocol advises), so whatever follows is
+    the next stage's or the session's.
+    """
+
+    def start(self) -> None: ...
+
+
+StageFactory = Callable[["Transport"], Stage]
+
 #: ioctl that reads how many sent bytes the kernel still holds (Linux: SIOCOUTQ).
 _OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
@@ -112,11 +129,12 @@ class Transport:
     __slots__ = (
         "sock", "loop", "limits", "session", "state", "_on_closed", "_out", "_out_size",
         "_interest", "_paused", "_paused_at", "_draining", "_eof", "last_activity",
-        "last_progress", "_recv_size", "_fd", "_callback", "_kernel_unsent", "__weakref__",
+        "last_progress", "_recv_size", "_fd", "_callback", "_kernel_unsent", "_preamble",
+        "__weakref__",
     )
 
     def __init__(self, sock: socket.socket, loop: EventLoop, limits: Limits,
-                 on_closed: Callable[["Transport"], None]) -> None:
+                 on_closed: Callable[["Transport"], None], preamble: Sequence[StageFactory] = ()) -> None:
         self.sock = sock
         self.loop = loop
         self.limits = limits
@@ -140,18 +158,64 @@ class Transport:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._interest = 0
         self._callback: Callable[[int], None] = self._on_events
+        #: The stages still to run before the session (an iterator), or None.
+        self._preamble: Any = iter(preamble) if preamble else None
 
     def attach(self, session: Any, *, raw_echo: bool = False) -> None:
-        """Start serving `session`. `raw_echo`: the session echoes every byte,
-        so the common event may take the inlined read-and-write path."""
+        """Start serving `session` (after the preamble stages, if any).
+        `raw_echo`: the session echoes every byte, so the common event may take
+        the inlined read-and-write path."""
         self.session = session
         if raw_echo and self.vectored:
             self._fd = self.sock.fileno()
             self._callback = self._on_raw_echo_events
-        self._start_preamble()
+        if self._preamble is None:
+            self._set_interest(EVENT_READ)
+        else:
+            self.stage_done()
 
-    def _start_preamble(self) -> None:
-        """Hook for a transport with a stage before the session (TLS)."""
+    # -- preamble stages --------------------------------------------------
+
+    def stage_done(self) -> None:
+        """The current preamble stage is done: start the next, or the session."""
+        if self.state is not OPEN:
+            return
+        stage = next(self._preamble, None)
+        if stage is not None:
+            stage(self).start()
+            return
+        self._preamble = None
+        self.last_activity = self.loop.now
+        if self._interest:
+            self._set_interest(0)  # registered with the stage's callback: re-register with ours
+        self._update_interest()
+        if self.session is not None and self.state is OPEN:
+            self._on_events(EVENT_READ)  # bytes may be waiting already (or inside TLS)
+
+    def watch(self, interest: int, callback: Callable[[int], None]) -> None:
+        """For a preamble stage: call `callback(mask)` when the socket is ready for `interest`."""
+        if self._interest:
+            self.loop.modify(self.sock, interest, callback)
+        else:
+            self.loop.register(self.sock, interest, callback)
+        self._interest = interest
+
+    def reject(self, reason: str, *, linger: bool = True) -> None:
+        """For a preamble stage: end the connection without sending a byte.
+
+        With `linger`, our side is shut down and input discarded until EOF or
+        `Limits.error_linger`, so that the peer sees a FIN rather than a reset.
+        """
+        log.info("%s: %s", self, reason)
+        self._preamble = None
+        if not linger:
+            self.close(reason)
+            return
+        self.state = LINGERING
+        self._shutdown_write()
+        self.loop.call_later(self.limits.error_linger, self.close, "error linger over")
+        if self._interest:
+            self._set_interest(0)
         self._set_interest(EVENT_READ)
 
     # -- events -----------------------------------------------------------
@@ -480,11 +544,18 @@ class Transport:
     # -- timeouts and closing ---------------------------------------------
 
     def check_timeouts(self, now: float) -> None:
-        """Called by the server's sweep: the session's timeouts, then idleness.
+        """Called by the server's sweep: the preamble's or the session's timeouts, then idleness.
 
-        Idle means no progress either way: no input, no output that moved, and
-        nothing the session is working on (a partial frame, a request in a pool).
+        A preamble (a TLS handshake, a PROXY header) must be done within the
+        frame timeout. Idle means no progress either way: no input, no output
+        that moved, and nothing the session is working on (a partial frame, a
+        request in a pool).
         """
+        if self._preamble is not None:
+            if self.state is OPEN and now - self.last_activity >= self.limits.frame_timeout:
+                log.info("%s: connection preamble not done within %g s", self, self.limits.frame_timeout)
+                self.close("preamble timed out")
+            return
         if self.state is LINGERING and not self._out:
             return  # the linger timer ends it
         # While reading is paused the server holds the peer up: no frame timeout.
@@ -570,116 +641,6 @@ class Transport:
 
     def __repr__(self) -> str:
         return f"<connection {format_peer(self.peer)} {self.state}>"
-
-
-class TLSTransport(Transport):
-    """TLS over an ``ssl.SSLSocket``: the handshake as a preamble stage, then
-    the same reads and writes, with the few differences TLS brings:
-
-    * one ``recv`` returns at most one TLS record, and decrypted bytes can wait
-      inside the SSL object (``pending()``) while the socket itself has nothing
-      to read: those are read at once, or no poll would ever report them;
-    * ``SSLSocket`` has no ``sendmsg``, and shutting down its sending side
-      would drop the TLS session, so neither is used.
-    """
-
-    __slots__ = ("_handshake",)
-    vectored = False
-    sock: ssl.SSLSocket
-
-    def __init__(self, sock: ssl.SSLSocket, loop: EventLoop, limits: Limits,
-                 on_closed: Callable[["Transport"], None]) -> None:
-        super().__init__(sock, loop, limits, on_closed)
-        self._handshake: TLSHandshake | None = None
-
-    def _start_preamble(self) -> None:
-        self._handshake = TLSHandshake(self)
-        self._handshake.step()
-
-    def preamble_done(self) -> None:
-        self._handshake = None
-        self.last_activity = self.loop.now
-        self._set_interest(0)  # re-register with the transport's own callback
-        self._update_interest()
-        self._read_once()
-
-    def _read_once(self) -> bool:
-        progressed = super()._read_once()
-        while progressed and self.state is OPEN and not self._paused and self.sock.pending():
-            progressed = super()._read_once()
-        return progressed
-
-    def _after_resume(self) -> None:
-        if self.state is OPEN and self.sock.pending():
-            self.loop.call_soon(self._on_events, EVENT_READ)
-
-    def _shutdown_write(self) -> None:
-        pass
-
-    def check_timeouts(self, now: float) -> None:
-        if self._handshake is not None:
-            if now - self.last_activity >= self.limits.frame_timeout:
-                log.info("%s: TLS handshake not done within %g s", self, self.limits.frame_timeout)
-                self.close("TLS handshake timed out")
-            return
-        super().check_timeouts(now)
-
-
-class TLSHandshake:
-    """The TLS handshake as a preamble stage: the loop calls it, not the
-    transport, until it is done; the frame timeout bounds it (`check_timeouts`)."""
-
-    __slots__ = ("transport",)
-
-    def __init__(self, transport: TLSTransport) -> None:
-        self.transport = transport
-
-    def on_events(self, mask: int) -> None:
-        try:
-            self.step()
-        except Exception:  # a bug must cost this connection, not the server
-            self.transport._internal_error()
-
-    def step(self) -> None:
-        transport = self.transport
-        try:
-            transport.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._wait_for(EVENT_READ)
-            return
-        except ssl.SSLWantWriteError:
-            self._wait_for(EVENT_WRITE)
-            return
-        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__
-            log.info("%s: TLS handshake failed: %s", transport, reason)
-            self._abandon()
-            return
-        log.debug("%s: TLS established (%s)", transport, transport.sock.version())
-        transport.preamble_done()
-
-    def _wait_for(self, interest: int) -> None:
-        transport = self.transport
-        if transport._interest == interest:
-            return
-        if transport._interest:
-            transport.loop.modify(transport.sock, interest, self.on_events)
-        else:
-            transport.loop.register(transport.sock, interest, self.on_events)
-        transport._interest = interest
-
-    def _abandon(self) -> None:
-        """Close without a reset: stop TLS, send FIN, discard input until EOF or the linger ends."""
-        transport = self.transport
-        transport._handshake = None
-        transport.state = LINGERING
-        try:
-            transport.sock.shutdown(socket.SHUT_WR)  # also drops the SSL object: plain reads from here
-        except OSError:
-            pass  # already reset by the peer: the next read or the linger timer closes it
-        transport.loop.call_later(transport.limits.error_linger, transport.close, "error linger over")
-        transport._set_interest(0)
-        transport._set_interest(EVENT_READ)
 
 
 def _consume(out: deque, sent: int) -> None:
