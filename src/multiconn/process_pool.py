@@ -115,7 +115,7 @@ def worker_main(conn: Connection, app_blob: bytes, log_level: int) -> None:
             header, content = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return  # the server closed the pipe: stop quietly
-        response = run_handler(app, Frame(header, content))
+        response = run_handler(app, None, Frame(header, content))
         if not _send(conn, (response.header, bytes(response.content))):
             return
 
