@@ -454,6 +454,9 @@ class Transport:
         """Server shutdown: read what the peer already sent, then end the input."""
         if self.state is not OPEN or self._draining:
             return
+        if self._preamble is not None:  # no request has come yet, and none will
+            self.close("server shutting down")
+            return
         self._draining = True
         if not self._paused:
             self._drain_input()
@@ -507,7 +510,7 @@ class Transport:
         else:
             self._out = None
             self._on_output_flushed()
-        if self._paused and self._out_size <= self.limits.low_water:
+        if self._paused and self._out_size <= self.limits.low_water and self.state is not CLOSED:
             if self._paused & PAUSE_HELD and self.state is OPEN:
                 self.loop.call_soon(self.session.resume_writing)
             self.resume_reading(PAUSE_OUTPUT)
