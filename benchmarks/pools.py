@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Handler pools: multiconn's inline, thread, process and async handlers against asyncio executors.
 
-    python benchmarks/pools.py                              # 3 rounds: about 8 minutes
+    python benchmarks/pools.py                              # 3 rounds: 7 minutes on a quiet machine, more on a busy one
     python benchmarks/pools.py --quick --rounds 1           # smoke test: about 1 minute
     python benchmarks/pools.py --rounds 3 --out benchmarks/results/pools.md
     python benchmarks/pools.py --scenarios cpu --servers multiconn-inline,multiconn-process
@@ -76,7 +76,7 @@ START_TIMEOUT = 20.0    # a server must accept connections within this
 STOP_GRACE = 5.0        # SIGTERM, then SIGKILL of the session after this
 DRAIN_TIMEOUT = 3.0     # after the window, answers still awaited for this long
 QUIET_BUSY_PCT = 30.0   # before a run, wait until the CPUs are below this busy...
-QUIET_MAX_WAIT = 5.0    # ...for at most this many seconds
+QUIET_MAX_WAIT = 60.0   # ...for at most this many seconds
 RECV_SIZE = 65536
 
 sys.path.insert(0, HERE)  # pool_apps, for its constants and the calibration
@@ -600,6 +600,12 @@ def fmt(value, digits=0):
     return f"{value:,.{digits}f}"
 
 
+def ratio_text(ratios, own=False):
+    if own:
+        return "1 (base)"
+    return "–" if not ratios else f"{median(ratios):.2f}{spread(ratios)}"
+
+
 def spread(values, digits=2):
     values = [v for v in values if v is not None]
     if len(values) < 2:
@@ -704,7 +710,7 @@ def build_report(args, meta, records):
         for s in servers:
             ratios = paired_ratios(records, "offload", s.name, base, lambda r: r["rps"])
             L.append(f"| {s.name} | {cell('offload', s.name, '', lambda r: r['rps'])} "
-                     f"| {'–' if not ratios else f'{median(ratios):.2f}{spread(ratios)}'} "
+                     f"| {ratio_text(ratios, s.name == base)} "
                      f"| {cell('offload', s.name, '', lambda r: r['server_cpu_us'], 1)} "
                      f"| {cell('offload', s.name, '', lambda r: r['echo']['p50_ms'], 2)} "
                      f"| {cell('offload', s.name, '', lambda r: r['echo']['p99_ms'], 2)} "
@@ -732,7 +738,7 @@ def build_report(args, meta, records):
             cols = []
             for base in ("multiconn-inline", "asyncio-process"):
                 ratios = paired_ratios(records, "cpu", s.name, base, lambda r: r["rps"])
-                cols.append("–" if not ratios else f"{median(ratios):.2f}{spread(ratios)}")
+                cols.append(ratio_text(ratios, s.name == base))
             L.append(f"| {s.name} | {cell('cpu', s.name, '', lambda r: r['rps'])} | {cols[0]} | {cols[1]} "
                      f"| {cell('cpu', s.name, '', lambda r: r['cpu']['p50_ms'], 2)} "
                      f"| {cell('cpu', s.name, '', lambda r: r['cpu']['p99_ms'], 2)} "
@@ -771,6 +777,12 @@ def build_report(args, meta, records):
         L.append(f"- Other tenants' CPU use during the measured windows (the machine's busy time minus the "
                  f"servers' and the load generator's): median {median(other):.0f} %, max {max(other):.0f} % "
                  "of one CPU.")
+    repeated = [r for r in records if r.get("attempts", 1) > 1]
+    if repeated:
+        still = [r for r in ok if r["other_cpu_pct"] > args.max_other]
+        L.append(f"- {len(repeated)} of {len(records)} runs were repeated because other processes used more than "
+                 f"{args.max_other:g} % of one CPU during their measured window (up to {args.retries} repeats, "
+                 f"the quietest attempt kept); {len(still)} still had more in the attempt kept.")
     busy = [r for r in records if r.get("busy_before_pct", 0) >= QUIET_BUSY_PCT]
     if busy:
         L.append(f"- {len(busy)} of {len(records)} runs started on a busy machine (after waiting "
@@ -844,6 +856,11 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=float, default=1.0, help="warmup seconds per run (default 1)")
     parser.add_argument("--scenarios", help="comma list (default all): " + ", ".join(s.name for s in SCENARIOS))
     parser.add_argument("--servers", help="comma list (default all): " + ", ".join(all_servers))
+    parser.add_argument("--max-other", type=float, default=25.0, metavar="PCT",
+                        help="repeat a run when other processes used more than this %% of one CPU during its "
+                             "measured window (default 25)")
+    parser.add_argument("--retries", type=int, default=2,
+                        help="repeats of such a run at most; the quietest attempt is kept (default 2)")
     parser.add_argument("--out", help="also write the report (markdown) to this file, "
                                       "e.g. benchmarks/results/pools.md")
     args = parser.parse_args(argv)
@@ -947,10 +964,21 @@ def main(argv=None):
     records = []
     try:
         for i, (rnd, sc, server, variant) in enumerate(plan, 1):
-            record = run_one(sc, server, variant, args, env)
+            label = f"[{i}/{len(plan)}] r{rnd + 1} {sc.name:8} {server.name:18} {variant:10}"
+            record = None
+            for attempt in range(1, args.retries + 2):
+                this = run_one(sc, server, variant, args, env)
+                this["attempts"] = attempt
+                if record is None or ("error" in record and "error" not in this) or (
+                        "error" not in this and this["other_cpu_pct"] < record["other_cpu_pct"]):
+                    record = this
+                if "error" in this or this["other_cpu_pct"] <= args.max_other:
+                    break
+                if attempt <= args.retries:
+                    log(f"{label} other processes used {this['other_cpu_pct']:.0f} % of a CPU: run again")
+            record["attempts"] = attempt
             record["round"] = rnd
             records.append(record)
-            label = f"[{i}/{len(plan)}] r{rnd + 1} {sc.name:8} {server.name:18} {variant:10}"
             if "error" in record:
                 log(f"{label} FAILED: {record['error'][:300]}")
                 continue
