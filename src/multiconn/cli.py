@@ -55,6 +55,14 @@ def port_number(text: str) -> int:
     return int(port)
 
 
+def host_and_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:9100`` for IPv6) as a (host, port) pair."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), port_number(port)
+
+
 def _add_address(parser: argparse.ArgumentParser, port_help: str) -> None:
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to use (default {DEFAULT_HOST}; IPv6 like ::1 works)")
     parser.add_argument("--port", type=port_number, default=DEFAULT_PORT, help=port_help)
@@ -99,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"until the queue drains (default {_DEFAULTS.max_queued})")
     serve.add_argument("--async-loop", choices=ASYNC_LOOPS, default="asyncio",
                        help="event loop for an async def app (default asyncio; uvloop if installed)")
+    serve.add_argument("--metrics", type=host_and_port, default=None, metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="logging threshold (default info)")
     serve.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain (PEM)")
@@ -176,7 +186,7 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         server = Server(app, args.host, args.port, limits=limits, ssl_context=ssl_context,
                         handler_pool=args.handler_pool, pool_size=args.pool_size, async_loop=args.async_loop,
-                        log_level=logging.getLogger().level)
+                        log_level=logging.getLogger().level, metrics_address=args.metrics)
     except (ValueError, AppLoadError) as exc:
         parser.error(str(exc))
     try:

@@ -236,7 +236,7 @@ class ProcessPoolResponder(PooledResponder):
                     worker.ready = False
                     break
                 worker.job = job
-                worker.started = time.monotonic()
+                worker.started = job.started = time.monotonic()
                 break
 
     def _on_readable(self, worker: _ProcessWorker) -> None:

@@ -145,8 +145,10 @@ def run_handler(app: App, clock: HandlerClock | None, request: Frame) -> Frame:
     return response
 
 
-async def run_async_handler(app: App, request: Frame, timeout: float) -> Frame:
+async def run_async_handler(app: App, request: Frame, timeout: float, job: Any = None) -> Frame:
     """`run_handler` for an ``async def`` app, bounded by `timeout`."""
+    if job is not None:
+        job.started = time.monotonic()
     try:
         if request.header["content-type"] == "text/json":
             request.json_content()
@@ -236,6 +238,8 @@ class PooledResponder:
         self._wake_pending = False
         self._deadline_timer: TimerHandle | None = None
         self._closed = False
+        #: `multiconn.metrics.ServerMetrics` when the server counts, else None.
+        self.metrics: Any = None
 
     # -- the loop's side --------------------------------------------------
 
@@ -250,6 +254,7 @@ class PooledResponder:
 
     def submit(self, job: "Job") -> None:
         self.outstanding += 1
+        job.submitted = time.monotonic()
         self._submit(job)
         if not self.saturated and self.outstanding >= self.max_queued + self.capacity:
             self.saturated = True
@@ -276,6 +281,12 @@ class PooledResponder:
         if job.cancelled or job.response is not None:
             return
         self._settled()
+        metrics = self.metrics
+        if metrics is not None:
+            now = time.monotonic()
+            metrics.answered(response, now - job.submitted)
+            if job.started:
+                metrics.pool_wait.observe(max(0.0, job.started - job.submitted))
         job.done(response)
 
     def _settled(self) -> None:
@@ -389,7 +400,7 @@ class ThreadPoolResponder(PooledResponder):
                 return
             if job.cancelled:
                 continue
-            worker.started = time.monotonic()
+            worker.started = job.started = time.monotonic()
             worker.job = job
             response = run_handler(app, None, job.request)
             worker.job = None
@@ -471,7 +482,7 @@ class AsyncResponder(PooledResponder):
 
     def _submit(self, job: "Job") -> None:
         assert self._aloop is not None
-        coroutine = run_async_handler(self.app, job.request, self.handler_timeout)
+        coroutine = run_async_handler(self.app, job.request, self.handler_timeout, job)
         future = asyncio.run_coroutine_threadsafe(coroutine, self._aloop)
         job.handle = future
         future.add_done_callback(lambda done: self._task_done(job, done))

@@ -46,6 +46,8 @@ from .responders import (
 from .session import FramedSession, PooledFramedSession, RawEchoSession, SessionContext
 from .tls import TLSHandshake, TLSTransport
 from .transport import PAUSE_QUEUE, StageFactory, Transport
+from .metrics import ServerMetrics, timed_respond
+from .metrics_endpoint import MetricsEndpoint
 from .watchdog import Watchdog
 
 log = logging.getLogger("multiconn.server")
@@ -118,6 +120,8 @@ class Server:
         pool_size: int | None = None,
         async_loop: str = "asyncio",
         log_level: int = logging.WARNING,
+        metrics: bool = False,
+        metrics_address: tuple[str, int] | None = None,
     ) -> None:
         self.app = load_app(app) if isinstance(app, str) else app
         self.host = host
@@ -139,7 +143,17 @@ class Server:
         else:
             self._session_class = PooledFramedSession
         self._context = SessionContext(self.responder, limits, self.loop)
-        self._on_connection_closed = self._connection_closed  # one bound method for every transport
+        self._owner = _ConnectionOwner(self)
+        #: Counters for ``--metrics`` (`multiconn.metrics`); None when not asked for.
+        self.metrics: ServerMetrics | None = ServerMetrics() if metrics or metrics_address else None
+        self.metrics_address = metrics_address
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        if self.metrics is not None:
+            self._context.metrics = self.metrics
+            if isinstance(self.responder, InlineResponder):
+                self.responder.respond = timed_respond(self.responder.respond, self.metrics)
+            else:
+                self.responder.metrics = self.metrics  # type: ignore[attr-defined]
         self._responder_started = False
         self._saturated = False
         self._listeners: list[socket.socket] = []
@@ -170,6 +184,12 @@ class Server:
             self.responder.start(self.loop, self._set_saturated)  # a process pool may refuse the app here
             self._responder_started = True
         self._listeners = _bind_listeners(self.host, self.port, self.backlog)
+        if self.metrics_address is not None and self.metrics is not None:
+            metrics = self.metrics
+            self.metrics_endpoint = MetricsEndpoint(
+                self.loop, _bind_listeners(*self.metrics_address, 16), lambda: metrics.render(self))
+            for address in self.metrics_endpoint.addresses:
+                log.info("metrics on http://%s/metrics", format_address(address))
         self._set_accepting(True)
         self._sweep_handle = self.loop.call_later(self.limits.sweep_interval, self._sweep)
         for address in self.addresses:
@@ -230,8 +250,7 @@ class Server:
             try:
                 if self.ssl_context is not None:
                     sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                connection = self._transport_class(sock, self.loop, self.limits, self._on_connection_closed,
-                                                   self._preamble)
+                connection = self._transport_class(sock, self.loop, self.limits, self._owner, self._preamble)
                 connection.attach(self._session_class(connection, self._context), raw_echo=self._raw_echo)
             except OSError as exc:  # e.g. the peer reset before we set it up
                 log.debug("could not set up connection from %s: %s", peer, exc)
@@ -240,6 +259,8 @@ class Server:
             if self._saturated:
                 connection.pause_reading(PAUSE_QUEUE)
             connections.add(connection)
+            if self.metrics is not None:
+                self.metrics.accepted += 1
             if self._out_of_capacity:
                 self._out_of_capacity = False
                 log.warning("accepting again, %d connections open", len(connections))
@@ -259,8 +280,10 @@ class Server:
         self._accept_backoff = False
         self._set_accepting(True)
 
-    def _connection_closed(self, connection: Transport) -> None:
+    def _connection_closed(self, connection: Transport, reason: str) -> None:
         self.connections.discard(connection)
+        if self.metrics is not None:
+            self.metrics.connection_closed(connection.sock, close_kind(reason))
         if self._shutting_down:
             if not self.connections:
                 self._finish_shutdown()
@@ -346,6 +369,8 @@ class Server:
         self._set_accepting(False)
         for sock in self._listeners:
             sock.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         for connection in list(self.connections):
             connection.close("server closed")
         if self._sweep_handle is not None:
@@ -360,6 +385,43 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _ConnectionOwner:
+    """The seam between the server and its transports (`multiconn.transport.TransportOwner`):
+    all a connection may tell the server, and nothing it may ask of it."""
+
+    __slots__ = ("_server",)
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    def connection_closed(self, transport: Transport, reason: str) -> None:
+        self._server._connection_closed(transport, reason)
+
+    def output_paused(self, transport: Transport) -> None:
+        metrics = self._server.metrics
+        if metrics is not None:
+            metrics.pauses += 1
+
+
+#: How `close_kind` sorts the transport's reasons for closing (by their first words).
+CLOSE_KINDS = (
+    ("done", "done"), ("idle timeout", "idle"), ("pending output did not move", "idle"),
+    ("recv failed", "reset"), ("send failed", "reset"), ("peer gone", "reset"),
+    ("error linger over", "error"), ("peer closed after error", "error"),
+    ("preamble timed out", "timeout"),
+    ("server", "shutdown"), ("aborted", "shutdown"),
+    ("internal error", "internal"),
+)
+
+
+def close_kind(reason: str) -> str:
+    """The metrics label for a transport's reason to close."""
+    for prefix, kind in CLOSE_KINDS:
+        if reason.startswith(prefix):
+            return kind
+    return "other"
 
 
 def _bind_accept(accept: Callable[[socket.socket], None], sock: socket.socket) -> Callable[[int], None]:

@@ -44,6 +44,7 @@ is a bug, raised as `LocalProtocolError`)::
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
@@ -118,12 +119,14 @@ class SessionContext:
     idle connection's memory is part of the product.
     """
 
-    __slots__ = ("responder", "limits", "clock")
+    __slots__ = ("responder", "limits", "clock", "metrics")
 
     def __init__(self, responder: "Responder", limits: Limits, clock: Clock) -> None:
         self.responder = responder
         self.limits = limits
         self.clock = clock
+        #: `multiconn.metrics.ServerMetrics` when the server counts, else None.
+        self.metrics: Any = None
 
 
 class FramedSession:
@@ -274,6 +277,8 @@ class FramedSession:
         if failing:
             error, self._error = self._error, None
             assert error is not None
+            if self.context.metrics is not None:
+                self.context.metrics.fatal_error(json.loads(error.content)["error"]["code"])
             self.transport.write(encode_header(error.header, len(error.content)) + error.content)
             self.transport.fail()
         else:
@@ -321,14 +326,15 @@ class Job:
     starting the job. `handle` is the responder's own (a future, a worker).
     """
 
-    __slots__ = ("request", "session", "response", "cancelled", "started", "handle")
+    __slots__ = ("request", "session", "response", "cancelled", "submitted", "started", "handle")
 
     def __init__(self, request: Frame, session: "PooledFramedSession") -> None:
         self.request = request
         self.session = session
         self.response: Frame | None = None
         self.cancelled = False
-        self.started = 0.0
+        #: When it was handed to the pool, and when a worker took it (monotonic seconds).
+        self.submitted = self.started = 0.0
         self.handle: Any = None
 
     def done(self, response: Frame) -> None:

@@ -2,8 +2,9 @@
 
 A transport moves bytes and knows nothing of frames. Above it sits a session
 (`multiconn.session`), which it feeds what it reads and which tells it what to
-send; below it, the event loop. Its owner (the server) hears of it only through
-the one callback it was given, `on_closed`.
+send; below it, the event loop. Its owner (the server) hears of it only
+through the narrow `TransportOwner` interface it was given: that it closed, and
+that its output passed the high-water mark.
 
 Theory of operation
 -------------------
@@ -110,6 +111,16 @@ class Stage(Protocol):
 
 StageFactory = Callable[["Transport"], Stage]
 
+
+class TransportOwner(Protocol):
+    """What a transport tells its owner, and all it knows of it."""
+
+    def connection_closed(self, transport: "Transport", reason: str) -> None:
+        """`transport` is closing for `reason` (its socket is still open)."""
+
+    def output_paused(self, transport: "Transport") -> None:
+        """`transport` stopped reading: its output passed the high-water mark."""
+
 #: ioctl that reads how many sent bytes the kernel still holds (Linux: SIOCOUTQ).
 _OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
@@ -119,28 +130,28 @@ _os_read, _os_write = os.read, os.write  # raw echo's fast path: one global look
 class Transport:
     """A plain TCP (or Unix) socket, served by the event loop.
 
-    `session` must be attached (`attach`) before the loop runs; `on_closed` is
-    called once, after the socket is closed.
+    `session` must be attached (`attach`) before the loop runs; `owner` hears
+    `connection_closed` once, just before the socket is closed.
     """
 
     #: Whether the socket can send several buffers at once (``sendmsg``).
     vectored = True
 
     __slots__ = (
-        "sock", "loop", "limits", "session", "state", "_on_closed", "_out", "_out_size",
+        "sock", "loop", "limits", "session", "state", "_owner", "_out", "_out_size",
         "_interest", "_paused", "_paused_at", "_draining", "_eof", "last_activity",
         "last_progress", "_recv_size", "_fd", "_callback", "_kernel_unsent", "_preamble",
         "__weakref__",
     )
 
     def __init__(self, sock: socket.socket, loop: EventLoop, limits: Limits,
-                 on_closed: Callable[["Transport"], None], preamble: Sequence[StageFactory] = ()) -> None:
+                 owner: "TransportOwner", preamble: Sequence[StageFactory] = ()) -> None:
         self.sock = sock
         self.loop = loop
         self.limits = limits
         self.session: Any = None
         self.state = OPEN
-        self._on_closed = on_closed
+        self._owner = owner
         # Created on the first partial send and dropped when drained: an idle
         # connection should not carry an empty deque (760 bytes).
         self._out: deque[Any] | None = None
@@ -482,6 +493,7 @@ class Transport:
         self._out_size += len(data)
         if self._out_size > self.limits.high_water and not self._paused & PAUSE_OUTPUT:
             self.pause_reading(PAUSE_OUTPUT)
+            self._owner.output_paused(self)
 
     def _flush(self) -> None:
         out = self._out
@@ -627,12 +639,12 @@ class Transport:
         if self._interest:
             self.loop.unregister(self.sock)
         self._interest = 0
+        self._owner.connection_closed(self, reason)  # while the socket can still say what it moved
         self.sock.close()
         self._out = None
         self._out_size = 0
         if self.session is not None:
             self.session.connection_lost()
-        self._on_closed(self)
 
     @property
     def peer(self) -> Any:

@@ -1,0 +1,179 @@
+"""``--metrics``: the Prometheus endpoint, parsed with prometheus_client's own parser,
+with values checked against the traffic each test sends."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from multiconn import Frame, Limits, encode_frames
+from multiconn.metrics import DURATION_BUCKETS
+from multiconn.testing import ServerProcess
+
+sys.path.insert(0, str(Path(__file__).parent / "apps"))
+import pool_apps  # noqa: E402
+
+
+def scrape(server: Any) -> dict[str, Any]:
+    """{sample name with labels: value} from one scrape, parsed by prometheus_client."""
+    host, port = server.server.metrics_endpoint.addresses[0]
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
+        assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        text = response.read().decode("utf-8")
+    samples: dict[str, Any] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        samples[f"# type {family.name}"] = family.type
+    return samples
+
+
+def metrics_server(start_server: Any, app: Any = "echo", **kwargs: Any) -> Any:
+    return start_server(app, metrics_address=("127.0.0.1", 0), **kwargs)
+
+
+def test_counters_match_the_traffic_sent(start_server) -> None:
+    server = metrics_server(start_server)
+    frames = [Frame.binary(b"x" * 100, id=i) for i in range(50)]
+    payload = encode_frames(frames)
+    with server.connect(timeout=5) as client:
+        assert len(client.request_many(frames)) == 50
+        open_now = scrape(server)
+    assert open_now["multiconn_connections_open"] == 1
+    time.sleep(0.2)  # the server sees the close
+    samples = scrape(server)
+    assert samples["multiconn_connections_open"] == 0
+    assert samples["multiconn_connections_accepted_total"] == 1
+    assert samples["multiconn_connections_closed_total{reason=done}"] == 1
+    assert samples["multiconn_requests_total"] == 50
+    assert samples["multiconn_frames_sent_total"] == 50
+    # The kernel's count: our payload, plus at most one for the FIN's sequence number.
+    assert len(payload) <= samples["multiconn_received_bytes_total"] <= len(payload) + 1
+    assert samples["multiconn_sent_bytes_total"] >= len(payload)  # answers echo the same, ids included
+    assert samples["multiconn_request_duration_seconds_count"] == 50
+    assert samples['multiconn_request_duration_seconds_bucket{le=+Inf}'] == 50
+    assert samples["# type multiconn_requests"] == "counter"
+    assert samples["# type multiconn_request_duration_seconds"] == "histogram"
+
+
+def test_histogram_buckets_are_cumulative_and_log_spaced(start_server) -> None:
+    server = metrics_server(start_server, pool_apps.slow)
+    with server.connect(timeout=5) as client:
+        client.request_many([Frame.binary(b"fast")] * 5 + [Frame.binary(b"sleep:0.03")] * 2)
+    samples = scrape(server)
+    buckets = [samples[f"multiconn_request_duration_seconds_bucket{{le={b!r}}}".replace("'", "")]
+               for b in map(lambda b: f"{b:g}", DURATION_BUCKETS)]
+    assert buckets == sorted(buckets)  # cumulative
+    assert samples["multiconn_request_duration_seconds_bucket{le=0.025}"] == 5
+    assert samples["multiconn_request_duration_seconds_bucket{le=0.05}"] == 7
+    assert samples["multiconn_request_duration_seconds_sum"] >= 0.06
+    ratios = [b / a for a, b in zip(DURATION_BUCKETS, DURATION_BUCKETS[1:])]
+    assert all(2 <= r <= 2.5 for r in ratios)
+
+
+def test_error_frames_by_code_and_close_reasons(start_server) -> None:
+    server = metrics_server(start_server, "search")
+    with server.connect(timeout=5) as client:
+        answers = client.request_many([Frame({"content-type": "text/json", "content-encoding": "utf-8"}, b"[")],
+                                      raise_errors=False)
+        assert answers[0].error_info[0] == "bad-content"
+    with socket.create_connection(server.address) as sock:
+        sock.sendall(b"\x00\x00")  # bad-header-length: fatal
+        sock.settimeout(5)
+        while sock.recv(4096):
+            pass
+    time.sleep(0.2)
+    samples = scrape(server)
+    assert samples["multiconn_error_frames_total{code=bad-content}"] == 1
+    assert samples["multiconn_error_frames_total{code=bad-header-length}"] == 1
+    assert samples["multiconn_connections_closed_total{reason=error}"] == 1
+    assert samples["multiconn_connections_closed_total{reason=done}"] == 1
+
+
+def test_backpressure_pauses_are_counted(start_server) -> None:
+    server = metrics_server(start_server, limits=Limits(high_water=64 * 1024, low_water=16 * 1024))
+    big = Frame.binary(b"y" * 256 * 1024)
+    with server.connect(timeout=10) as client:
+        client.request_many([big] * 8)
+    assert scrape(server)["multiconn_backpressure_pauses_total"] >= 1
+
+
+@pytest.mark.parametrize("pool, app", [("thread", pool_apps.slow), ("process", pool_apps.slow),
+                                       ("inline", pool_apps.async_slow)])
+def test_pool_metrics(start_server, pool, app) -> None:
+    server = metrics_server(start_server, app, handler_pool=pool, pool_size=1 if pool != "inline" else None)
+    with socket.create_connection(server.address) as sock:
+        sock.sendall(encode_frames(Frame.binary(b"sleep:0.2", id=i) for i in range(3)))
+        time.sleep(0.1)
+        during = scrape(server)
+        sock.settimeout(5)
+        received = b""
+        while received.count(b"sleep:0.2") < 3:
+            received += sock.recv(4096)
+    kind = {"inline": "async"}.get(pool, pool)
+    assert during[f"multiconn_pool_in_flight{{pool={kind}}}"] == 3
+    if pool != "inline":
+        assert during[f"multiconn_pool_queued{{pool={kind}}}"] == 2  # one worker: two wait
+    after = scrape(server)
+    assert after[f"multiconn_pool_in_flight{{pool={kind}}}"] == 0
+    assert after[f"multiconn_pool_wait_seconds_count{{pool={kind}}}"] == 3
+    if pool != "inline":
+        assert after[f"multiconn_pool_wait_seconds_sum{{pool={kind}}}"] >= 0.2 + 0.4 - 0.05
+    assert after["multiconn_requests_total"] == 3
+
+
+def test_only_get_metrics_is_served(start_server) -> None:
+    server = metrics_server(start_server)
+    host, port = server.server.metrics_endpoint.addresses[0]
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"http://{host}:{port}/", timeout=5)
+    assert missing.value.code == 404
+    request = urllib.request.Request(f"http://{host}:{port}/metrics", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as post:
+        urllib.request.urlopen(request, timeout=5)
+    assert post.value.code == 405
+
+
+def test_metrics_off_by_default(start_server) -> None:
+    server = start_server("echo")
+    assert server.server.metrics is None and server.server.metrics_endpoint is None
+
+
+def test_cli_metrics_flag_during_a_bench_run(tmp_path) -> None:
+    """What the README shows: `curl HOST:PORT/metrics` while `multiconn bench` runs."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    with ServerProcess("--app", "echo", "--metrics", f"127.0.0.1:{metrics_port}") as server:
+        assert server.wait_for_line(f"metrics on http://127.0.0.1:{metrics_port}/metrics", 5)
+        import subprocess
+
+        bench = subprocess.Popen([sys.executable, "-m", "multiconn", "bench", "--port", str(server.port),
+                                  "--connections", "4", "--duration", "1.5", "--warmup", "0", "--json"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(1.0)
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        finally:
+            bench.communicate(timeout=30)
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert families["multiconn_connections_open"].samples[0].value == 4
+        assert families["multiconn_requests"].samples[0].value > 0
+
+
+def test_bad_metrics_address_is_refused() -> None:
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "multiconn", "serve", "--metrics", "nonsense"],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2 and "HOST:PORT" in result.stderr
