@@ -13,12 +13,14 @@ framing at all.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any, Callable, Union
 
+from .connection_info import ConnectionInfo, format_address
 from .errors import AppLoadError, ProtocolError
 from .protocol import ErrorCode, Frame
 
-App = Callable[[Frame], Frame]
+App = Callable[[Frame], Frame]  # or (Frame, ConnectionInfo) -> Frame: see connection_info.py
 
 #: The guide's search table (PROTOCOL.md section 4).
 SEARCH_ANSWERS = {
@@ -57,6 +59,20 @@ def echo(request: Frame) -> Frame:
     )
 
 
+def whoami(request: Frame, connection: ConnectionInfo) -> Frame:
+    """Who is asking, as this server sees it: the real client (from the PROXY
+    header when a load balancer sent one), the local address, this process.
+
+    What a person debugging a deployment (and the tests) asks first.
+    """
+    return Frame.json({
+        "peer": format_address(connection.peer),
+        "local": format_address(connection.local),
+        "worker": os.getpid(),
+        "proxied": connection.proxied,
+    })
+
+
 class RawEcho:
     """Marker for a server that echoes raw bytes, with no framing."""
 
@@ -69,6 +85,7 @@ raw_echo = RawEcho()
 BUILTIN_APPS: dict[str, Union[App, RawEcho]] = {
     "search": search,
     "echo": echo,
+    "whoami": whoami,
     "raw-echo": raw_echo,
 }
 

@@ -20,6 +20,8 @@ from .client import DEFAULT_TIMEOUT, connect
 from .errors import AppLoadError, ErrorResponse, MulticonnError
 from .limits import Limits
 from .process_pool import default_process_pool_size
+from .proxy import VERSIONS as PROXY_VERSIONS
+from .proxy_stage import DEFAULT_TRUSTED
 from .protocol import DEFAULT_MAX_CONTENT, Frame
 from .responders import ASYNC_LOOPS, DEFAULT_THREAD_POOL_SIZE, POOL_KINDS
 from .server import Server
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run a server", description="Run a multiconn server until SIGINT/SIGTERM.")
     _add_address(serve, f"port to listen on; 0 picks a free one (default {DEFAULT_PORT})")
     serve.add_argument("--app", default="search",
-                       help="search (default), echo, raw-echo, or package.module:attr for your own handler")
+                       help="search (default), echo, whoami, raw-echo, or package.module:attr for your own handler")
     serve.add_argument("--max-content", type=non_negative_int, default=DEFAULT_MAX_CONTENT, metavar="BYTES",
                        help=f"largest content-length accepted (default {DEFAULT_MAX_CONTENT})")
     serve.add_argument("--frame-timeout", type=positive_float, default=_DEFAULTS.frame_timeout, metavar="SECONDS",
@@ -107,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                             f"until the queue drains (default {_DEFAULTS.max_queued})")
     serve.add_argument("--async-loop", choices=ASYNC_LOOPS, default="asyncio",
                        help="event loop for an async def app (default asyncio; uvloop if installed)")
+    serve.add_argument("--proxy-protocol", choices=PROXY_VERSIONS, default=None,
+                       help="every connection starts with a PROXY protocol header (HAProxy's send-proxy / "
+                            "send-proxy-v2) giving the real client; default: off (never guessed)")
+    serve.add_argument("--proxy-trusted", default=",".join(DEFAULT_TRUSTED), metavar="CIDR[,CIDR...]",
+                       help=f"peers allowed to send a PROXY header (default {','.join(DEFAULT_TRUSTED)})")
     serve.add_argument("--metrics", type=host_and_port, default=None, metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -186,7 +193,8 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         server = Server(app, args.host, args.port, limits=limits, ssl_context=ssl_context,
                         handler_pool=args.handler_pool, pool_size=args.pool_size, async_loop=args.async_loop,
-                        log_level=logging.getLogger().level, metrics_address=args.metrics)
+                        log_level=logging.getLogger().level, metrics_address=args.metrics,
+                        proxy_protocol=args.proxy_protocol, proxy_trusted=args.proxy_trusted)
     except (ValueError, AppLoadError) as exc:
         parser.error(str(exc))
     try:

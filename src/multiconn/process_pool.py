@@ -112,10 +112,13 @@ def worker_main(conn: Connection, app_blob: bytes, log_level: int) -> None:
         return
     while True:
         try:
-            header, content = pickle.loads(conn.recv_bytes())
+            header, content, connection = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return  # the server closed the pipe: stop quietly
-        response = run_handler(app, None, Frame(header, content))
+        request = Frame(header, content)
+        if connection is not None:
+            request.connection = connection
+        response = run_handler(app, None, None, request)
         if not _send(conn, (response.header, bytes(response.content))):
             return
 
@@ -230,7 +233,8 @@ class ProcessPoolResponder(PooledResponder):
                     continue
                 request = job.request
                 try:
-                    worker.conn.send_bytes(pickle.dumps((request.header, bytes(request.content))))
+                    worker.conn.send_bytes(pickle.dumps(
+                        (request.header, bytes(request.content), getattr(request, "connection", None))))
                 except OSError:
                     waiting.appendleft(job)  # the worker is gone: its EOF comes next
                     worker.ready = False

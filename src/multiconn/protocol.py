@@ -105,9 +105,11 @@ class Frame:
     A frame you build needs only ``content-type`` and ``content-encoding`` (and
     ``id`` if you want one); the encoder fills in ``byteorder`` and
     ``content-length``. Decoded frames carry every key that was received.
+    A request's `connection` (a `multiconn.connection_info.ConnectionInfo`) is
+    set by the server only for applications that ask for it.
     """
 
-    __slots__ = ("header", "content", "_json")
+    __slots__ = ("header", "content", "_json", "connection")
 
     def __init__(self, header: dict[str, Any], content: bytes = b"") -> None:
         self.header = header

@@ -117,15 +117,44 @@ def error_answer(app: Any, request: Frame, exc: BaseException) -> Frame:
     return Frame.error(ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}", id=request_id)
 
 
-def run_handler(app: App, clock: HandlerClock | None, request: Frame) -> Frame:
+class ServerStatus:
+    """What the server itself says about its state (a record, read per request)."""
+
+    __slots__ = ("draining",)
+
+    def __init__(self) -> None:
+        #: Set once the server is shutting down: health checks answer "draining".
+        self.draining = False
+
+
+#: A request with this content type, encoding ``binary`` and no content is a
+#: health check, answered by the server whatever the app (docs/protocol.md).
+HEALTH_CONTENT_TYPE = "binary/health"
+
+
+def health_answer(request: Frame, status: ServerStatus) -> Frame | None:
+    """The server's answer to a health check, or None if `request` is not one."""
+    header = request.header
+    if header["content-type"] != HEALTH_CONTENT_TYPE or header["content-encoding"] != "binary" or request.content:
+        return None
+    return Frame.binary(b"draining" if status.draining else b"ok", id=header.get("id"))
+
+
+def run_handler(app: App, clock: HandlerClock | None, status: ServerStatus | None, request: Frame) -> Frame:
     """The answer to one request: the app's, or the error frame in its place.
 
-    With a `clock`, the call is marked for the inline watchdog. One flat
-    function, because the inline responder calls it for every request.
+    With a `clock`, the call is marked for the inline watchdog; with a `status`,
+    health checks are answered here. One flat function, because the inline
+    responder calls it for every request.
     """
     try:
-        if request.header["content-type"] == "text/json":
+        content_type = request.header["content-type"]
+        if content_type == "text/json":
             request.json_content()  # bad-content is checked for every app
+        elif content_type == HEALTH_CONTENT_TYPE and status is not None:
+            health = health_answer(request, status)
+            if health is not None:
+                return health
         if clock is None:
             response = app(request)
         else:
@@ -193,12 +222,13 @@ class InlineResponder:
 
     inline = True
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, status: ServerStatus | None = None) -> None:
         self.app = app
         self.clock = HandlerClock()
+        self.status = status if status is not None else ServerStatus()
         #: ``respond(request) -> Frame``: `run_handler` bound to the app and the
         #: clock (a C partial: the hot path pays one call for it, not two).
-        self.respond: Callable[[Frame], Frame] = functools.partial(run_handler, app, self.clock)
+        self.respond: Callable[[Frame], Frame] = functools.partial(run_handler, app, self.clock, self.status)
 
     def start(self, loop: "EventLoop", on_saturated: Callable[[bool], None]) -> None:
         pass
@@ -402,7 +432,7 @@ class ThreadPoolResponder(PooledResponder):
                 continue
             worker.started = job.started = time.monotonic()
             worker.job = job
-            response = run_handler(app, None, job.request)
+            response = run_handler(app, None, None, job.request)
             worker.job = None
             self._post(job, response)
 

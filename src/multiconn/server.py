@@ -21,12 +21,13 @@ last one has closed or the drain timeout has passed. A second signal aborts.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import resource
 import signal
 import socket
 import ssl
-from typing import Any, Callable, Union
+from typing import Any, Callable, Sequence, Union
 
 from .apps import App, RawEcho, load_app
 from .limits import Limits
@@ -38,14 +39,18 @@ from .responders import (
     AsyncResponder,
     InlineResponder,
     Responder,
+    ServerStatus,
     ThreadPoolResponder,
     app_name,
     check_async_loop,
     is_async_app,
 )
 from .session import FramedSession, PooledFramedSession, RawEchoSession, SessionContext
+from .proxy import ProxyHeaderParser
+from .proxy_stage import DEFAULT_TRUSTED, ProxyProtocolStage, parse_networks
 from .tls import TLSHandshake, TLSTransport
 from .transport import PAUSE_QUEUE, StageFactory, Transport
+from .connection_info import WithConnection, wants_connection
 from .metrics import ServerMetrics, timed_respond
 from .metrics_endpoint import MetricsEndpoint
 from .watchdog import Watchdog
@@ -122,27 +127,43 @@ class Server:
         log_level: int = logging.WARNING,
         metrics: bool = False,
         metrics_address: tuple[str, int] | None = None,
+        proxy_protocol: str | None = None,
+        proxy_trusted: str | Sequence[str] = DEFAULT_TRUSTED,
     ) -> None:
         self.app = load_app(app) if isinstance(app, str) else app
+        with_connection = not isinstance(self.app, RawEcho) and wants_connection(self.app)
+        if with_connection:
+            self.app = WithConnection(self.app)
         self.host = host
         self.port = port
         self.limits = limits
         self.backlog = backlog
         self.ssl_context = ssl_context
         self._raw_echo = isinstance(self.app, RawEcho)
-        self.responder = make_responder(self.app, handler_pool, pool_size, limits, async_loop, log_level)
+        #: What the server says of itself (health checks answer "draining" once it stops).
+        self.status = ServerStatus()
+        self.responder = make_responder(self.app, handler_pool, pool_size, limits, async_loop, log_level,
+                                         self.status)
         self._own_loop = loop is None
         self.loop = loop if loop is not None else EventLoop()
         self._transport_class: type[Transport] = Transport if ssl_context is None else TLSTransport
         #: What runs on each connection before the session, in order (see transport.Stage).
-        self._preamble: tuple[StageFactory, ...] = () if ssl_context is None else (TLSHandshake,)
+        self._preamble: tuple[StageFactory, ...] = ()
+        if proxy_protocol is not None:  # first: the balancer's header comes before any TLS
+            self._preamble += (functools.partial(ProxyProtocolStage, accept=proxy_protocol,
+                                                 trusted=parse_networks(proxy_trusted)),)
+            ProxyHeaderParser(proxy_protocol)  # ValueError now for an unknown version
+        if ssl_context is not None:
+            self._preamble += (TLSHandshake,)
+        self.proxy_protocol = proxy_protocol
         if self._raw_echo:
             self._session_class: Any = RawEchoSession
         elif self.responder.inline:
             self._session_class = FramedSession
         else:
             self._session_class = PooledFramedSession
-        self._context = SessionContext(self.responder, limits, self.loop)
+        self._context = SessionContext(self.responder, limits, self.loop, self.status)
+        self._context.with_connection = with_connection
         self._owner = _ConnectionOwner(self)
         #: Counters for ``--metrics`` (`multiconn.metrics`); None when not asked for.
         self.metrics: ServerMetrics | None = ServerMetrics() if metrics or metrics_address else None
@@ -334,6 +355,7 @@ class Server:
             return
         self._set_accepting(False)
         self._shutting_down = True
+        self.status.draining = True
         for sock in self._listeners:
             sock.close()
         self._drain_handle = self.loop.call_later(self.limits.drain_timeout, self._drain_timed_out)
@@ -440,7 +462,7 @@ def _describe_pool(responder: Responder) -> str:
 
 
 def make_responder(app: Any, handler_pool: str, pool_size: int | None, limits: Limits,
-                   async_loop: str, log_level: int) -> Responder:
+                   async_loop: str, log_level: int, status: ServerStatus | None = None) -> Responder:
     """The responder for `app` in `handler_pool`; ValueError for a combination that cannot work."""
     if handler_pool not in POOL_KINDS:
         raise ValueError(f"handler pool must be one of {', '.join(POOL_KINDS)}, not {handler_pool!r}")
@@ -449,7 +471,7 @@ def make_responder(app: Any, handler_pool: str, pool_size: int | None, limits: L
     if isinstance(app, RawEcho):
         if handler_pool != "inline":
             raise ValueError("raw-echo has no handler to pool")
-        return InlineResponder(app)  # never called: raw echo answers bytes, not frames
+        return InlineResponder(app, status)  # never called: raw echo answers bytes, not frames
     pooled = dict(handler_timeout=limits.handler_timeout, max_queued=limits.max_queued)
     if is_async_app(app):
         if handler_pool != "inline":
@@ -463,7 +485,7 @@ def make_responder(app: Any, handler_pool: str, pool_size: int | None, limits: L
         return ThreadPoolResponder(app, pool_size or DEFAULT_THREAD_POOL_SIZE, **pooled)  # type: ignore[arg-type]
     if handler_pool == "process":
         return ProcessPoolResponder(app, pool_size, log_level=log_level, **pooled)  # type: ignore[arg-type]
-    return InlineResponder(app)
+    return InlineResponder(app, status)
 
 
 def _bind_listeners(host: str | None, port: int, backlog: int) -> list[socket.socket]:

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .errors import LocalProtocolError, ProtocolError
 from .limits import Limits
 from .protocol import ErrorCode, Frame, FrameDecoder, encode_header
+from .responders import health_answer
 from .transport import PAUSE_ENDED, PAUSE_HELD, PAUSE_IN_FLIGHT
 
 if TYPE_CHECKING:
@@ -119,12 +120,16 @@ class SessionContext:
     idle connection's memory is part of the product.
     """
 
-    __slots__ = ("responder", "limits", "clock", "metrics")
+    __slots__ = ("responder", "limits", "clock", "metrics", "status", "with_connection")
 
-    def __init__(self, responder: "Responder", limits: Limits, clock: Clock) -> None:
+    def __init__(self, responder: "Responder", limits: Limits, clock: Clock, status: Any = None) -> None:
         self.responder = responder
         self.limits = limits
         self.clock = clock
+        #: `multiconn.responders.ServerStatus`: pooled sessions answer health checks with it.
+        self.status = status
+        #: Whether requests carry their `ConnectionInfo` (the app asked for it).
+        self.with_connection = False
         #: `multiconn.metrics.ServerMetrics` when the server counts, else None.
         self.metrics: Any = None
 
@@ -174,6 +179,10 @@ class FramedSession:
 
     def _handle(self, frames: list[Frame]) -> None:
         if frames:
+            if self.context.with_connection:
+                info = self.transport.connection_info
+                for frame in frames:
+                    frame.connection = info
             self._answer(frames)
         decoder = self.decoder
         if decoder.has_partial:
@@ -365,17 +374,24 @@ class PooledFramedSession(FramedSession):
         limit = self.context.limits.max_in_flight
         responder = self.context.responder
         submit = responder.submit
+        status = self.context.status
         while held and len(jobs) < limit:
             if responder.saturated:  # --max-queued: the rest waits until the queue has room
                 responder.wait_for_room(self)
                 break
             job = Job(held.popleft(), self)
             jobs.append(job)
-            submit(job)
+            health = health_answer(job.request, status) if status is not None else None
+            if health is None:
+                submit(job)
+            else:  # the server answers health checks itself, in their turn
+                job.response = health
         if not held:
             self._held = None
         if len(jobs) >= limit:
             self.transport.pause_reading(PAUSE_IN_FLIGHT)
+        if jobs and jobs[0].response is not None:
+            self.job_done()
 
     def job_done(self) -> None:
         """A job finished: write every answer now due, in order."""

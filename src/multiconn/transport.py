@@ -65,9 +65,11 @@ import termios
 from collections import deque
 from typing import Any, Callable, Protocol, Sequence
 
+from .connection_info import ConnectionInfo, format_address
 from .errors import WOULD_BLOCK
 from .limits import Limits
 from .loop import EVENT_READ, EVENT_WRITE, EventLoop
+from .proxy import ProxyHeader
 
 log = logging.getLogger("multiconn.connection")
 
@@ -141,7 +143,7 @@ class Transport:
         "sock", "loop", "limits", "session", "state", "_owner", "_out", "_out_size",
         "_interest", "_paused", "_paused_at", "_draining", "_eof", "last_activity",
         "last_progress", "_recv_size", "_fd", "_callback", "_kernel_unsent", "_preamble",
-        "__weakref__",
+        "_info", "__weakref__",
     )
 
     def __init__(self, sock: socket.socket, loop: EventLoop, limits: Limits,
@@ -171,6 +173,9 @@ class Transport:
         self._callback: Callable[[int], None] = self._on_events
         #: The stages still to run before the session (an iterator), or None.
         self._preamble: Any = iter(preamble) if preamble else None
+        #: What a handler may learn of this connection: None, the PROXY header a
+        #: stage read, or (once asked for) the `ConnectionInfo` built from both.
+        self._info: Any = None
 
     def attach(self, session: Any, *, raw_echo: bool = False) -> None:
         """Start serving `session` (after the preamble stages, if any).
@@ -648,14 +653,42 @@ class Transport:
 
     @property
     def peer(self) -> Any:
-        """The peer's address (looked up when asked: most connections never are)."""
+        """The socket's peer (looked up when asked: most connections never are)."""
         try:
             return self.sock.getpeername()
         except OSError:
             return None
 
+    @property
+    def proxy_header(self) -> ProxyHeader | None:
+        info = self._info
+        return info if isinstance(info, ProxyHeader) else None
+
+    @proxy_header.setter
+    def proxy_header(self, header: ProxyHeader) -> None:
+        self._info = header
+
+    @property
+    def client(self) -> Any:
+        """The real client: the PROXY header's source when there was one, else the peer."""
+        info = self._info
+        if isinstance(info, ProxyHeader) and info.source is not None:
+            return info.source
+        if isinstance(info, ConnectionInfo):
+            return info.peer
+        return self.peer
+
+    @property
+    def connection_info(self) -> ConnectionInfo:
+        """This connection as a handler sees it (built once, when first asked)."""
+        info = self._info
+        if isinstance(info, ConnectionInfo):
+            return info
+        self._info = built = build_connection_info(self.sock, info)
+        return built
+
     def __repr__(self) -> str:
-        return f"<connection {format_peer(self.peer)} {self.state}>"
+        return f"<connection {format_peer(self.client)} {self.state}>"
 
 
 def _consume(out: deque, sent: int) -> None:
@@ -676,8 +709,30 @@ def _first(items: deque, count: int) -> Any:
     return (items[i] for i in range(count))
 
 
-def format_peer(peer: Any) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host = f"[{peer[0]}]" if ":" in str(peer[0]) else peer[0]
-        return f"{host}:{peer[1]}"
-    return str(peer)
+def build_connection_info(sock: socket.socket, header: ProxyHeader | None) -> ConnectionInfo:
+    """A `ConnectionInfo` from the socket and the PROXY header (if any)."""
+    def address(get: Callable[[], Any]) -> Any:
+        try:
+            value = get()
+        except OSError:
+            return None
+        return tuple(value[:2]) if isinstance(value, tuple) else value
+
+    socket_peer, local = address(sock.getpeername), address(sock.getsockname)
+    peer = socket_peer
+    proxied = False
+    tlvs: dict[int, bytes] = {}
+    if header is not None:
+        tlvs = dict(header.tlvs)
+        if header.source is not None:
+            peer, local, proxied = header.source, header.destination, True
+    tls_version = tls_cipher = alpn = None
+    if isinstance(sock, ssl.SSLSocket):
+        tls_version = sock.version()
+        cipher = sock.cipher()
+        tls_cipher = cipher[0] if cipher else None
+        alpn = sock.selected_alpn_protocol()
+    return ConnectionInfo(peer, local, proxied, socket_peer, tls_version, tls_cipher, alpn, tlvs)
+
+
+format_peer = format_address
