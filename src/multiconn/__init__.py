@@ -5,8 +5,9 @@ loop, server and clients sit on top of it and are the only code that touches
 sockets.
 """
 
-from .apps import echo, load_app, raw_echo, search
+from .apps import echo, load_app, raw_echo, search, whoami
 from .client import Client, MultiClient, Response, connect
+from .connection_info import ConnectionInfo
 from .errors import (
     AppLoadError,
     CertificateVerificationError,
@@ -27,8 +28,8 @@ from .server import Server
 __version__ = "0.1.0"
 
 __all__ = [
-    "AppLoadError", "CertificateVerificationError", "Client", "ConnectionClosed", "ConnectionFailed", "ErrorCode",
+    "AppLoadError", "CertificateVerificationError", "Client", "ConnectionInfo", "ConnectionClosed", "ConnectionFailed", "ErrorCode",
     "ErrorResponse", "EventLoop", "Frame", "FrameDecoder", "Limits", "MultiClient",
     "MulticonnError", "ProtocolError", "Response", "Server", "ServerStartError", "Timeout", "TLSError", "connect",
-    "echo", "encode_frame", "encode_frames", "load_app", "raw_echo", "search",
+    "echo", "encode_frame", "encode_frames", "load_app", "raw_echo", "search", "whoami",
 ]
