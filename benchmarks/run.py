@@ -34,6 +34,11 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+try:
+    from multiconn.procstats import process_cpu_seconds, process_peak_rss_bytes
+except ImportError:
+    raise SystemExit("multiconn does not import: install the project first: pip install -e '.[bench]'") from None
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, "peers")
@@ -194,23 +199,17 @@ def wait_for_quiet(cpus):
             return busiest
 
 
-def process_cpu_seconds(pid):
-    """utime + stime of a whole process (all its threads), from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        data = f.read()
-    fields = data[data.rindex(")") + 2:].split()  # the name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / TICK
+def server_cpu_seconds(pid):
+    """utime + stime of the server (all its threads); it must still be there."""
+    seconds = process_cpu_seconds(pid)
+    if seconds is None:
+        raise RuntimeError(f"the server (pid {pid}) is gone: no /proc/{pid}/stat")
+    return seconds
 
 
 def peak_rss_mib(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    peak = process_peak_rss_bytes(pid)
+    return peak / (1024 * 1024) if peak is not None else None
 
 
 def children_cpu_seconds():
@@ -335,11 +334,11 @@ def run_one(args, server, scenario, cpus, quiet_cpus):
             _, error = run_bench(args, scenario, port, load_cpu, args.warmup, 0)
             if error:
                 raise RuntimeError(f"warmup: {error}")
-        cpu_before, load_before, busy_before = process_cpu_seconds(proc.pid), children_cpu_seconds(), per_cpu_busy()
+        cpu_before, load_before, busy_before = server_cpu_seconds(proc.pid), children_cpu_seconds(), per_cpu_busy()
         t0 = time.monotonic()
         result, error = run_bench(args, scenario, port, load_cpu, args.duration, 0)
         wall = time.monotonic() - t0
-        cpu_after, load_after, busy_after = process_cpu_seconds(proc.pid), children_cpu_seconds(), per_cpu_busy()
+        cpu_after, load_after, busy_after = server_cpu_seconds(proc.pid), children_cpu_seconds(), per_cpu_busy()
         record["peak_rss_mib"] = peak_rss_mib(proc.pid)
         if result:
             record.update(result)

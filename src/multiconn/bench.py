@@ -71,7 +71,7 @@ from typing import Any, Sequence, TextIO
 
 from .errors import ProtocolError, ServerStartError
 from .protocol import DEFAULT_MAX_CONTENT, FrameDecoder, encode_header
-from .testing import ServerProcess
+from .server_process import ServerProcess
 
 __all__ = ["BenchError", "BenchOptions", "BenchResult", "run"]
 

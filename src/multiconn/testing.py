@@ -3,27 +3,25 @@
 ``with ServerThread(my_app) as server: client = server.connect()`` runs a real
 server on an ephemeral loopback port in a background thread, so an
 application's tests exercise the same sockets and framing as production.
-`ServerProcess` runs ``multiconn serve`` as a subprocess instead, for what a
-thread cannot show (signals, exit status, descriptor limits, the server's own
-CPU time and memory); ``multiconn bench`` starts its embedded server with it.
+`ServerProcess` (from `multiconn.server_process`) runs ``multiconn serve`` as
+a subprocess instead, for what a thread cannot show (signals, exit status,
+descriptor limits, the server's own CPU time and memory). `MemoryTransport`
+and `ManualClock` drive a session in memory, with no socket at all.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 import threading
-import time
 from typing import Any, Union
 
 from .apps import App, RawEcho
 from .client import Client, connect
-from .errors import ServerStartError
 from .limits import Limits
 from .server import Server
+from .server_process import ServerProcess
 from .transport import PAUSE_ENDED
+
+__all__ = ["ManualClock", "MemoryTransport", "ServerProcess", "ServerThread"]
 
 
 class ServerThread:
@@ -73,179 +71,6 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-# -- a server in a subprocess ------------------------------------------------
-
-#: The server's INFO line that announces each listening address.
-LISTENING = re.compile(r"listening on (\S+):(\d+) \(app ")
-
-
-class ServerProcess:
-    """``python -m multiconn serve --port 0 ARGS`` in a subprocess: its port,
-    its stderr, and what /proc says about it.
-
-    For what a thread cannot show: signals, exit codes, descriptor limits, the
-    server's own CPU time and memory. The port comes from the "listening on"
-    log line (so the server must log at INFO, the default). Stderr is read by
-    a thread for as long as the process runs, because a full pipe would block
-    the server; its lines are appended to `lines`. Extra keyword arguments go
-    to `subprocess.Popen` (``env``, ``preexec_fn``, ``start_new_session``).
-    """
-
-    def __init__(self, *args: str, python: str = sys.executable, **popen_args: Any) -> None:
-        self.command = [python, "-m", "multiconn", "serve", "--port", "0", *args]
-        self.lines: list[str] = []
-        self.host: str | None = None
-        self.port: int | None = None
-        self._popen_args = popen_args
-        self._listening = threading.Event()
-        self._reader: threading.Thread | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 15.0) -> "ServerProcess":
-        """Start it and wait for its port; raises `ServerStartError`."""
-        try:
-            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, **self._popen_args)
-        except OSError as exc:
-            raise ServerStartError(f"cannot start the server ({self.command[0]}): {exc.strerror or exc}") from None
-        self._reader = threading.Thread(target=self._read_stderr, name="multiconn-serve-stderr", daemon=True)
-        self._reader.start()
-        self._listening.wait(timeout)
-        if self.port is None:
-            status = self.proc.poll()
-            if status is None and not self._reader.is_alive():  # stderr closed: the exit is moments away
-                try:
-                    status = self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    pass
-            self.stop()
-            last = self.lines[-1] if self.lines else "no output"
-            if status is None:
-                raise ServerStartError(f"the server did not report listening within {timeout:g} s ({last})")
-            raise ServerStartError(f"the server exited with status {status} at start: {last}")
-        return self
-
-    def _read_stderr(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        try:
-            for raw in self.proc.stderr:
-                line = raw.decode("utf-8", "replace").rstrip("\n")
-                self.lines.append(line)
-                if self.port is None:
-                    match = LISTENING.search(line)
-                    if match:
-                        self.host, self.port = match.group(1), int(match.group(2))
-                        self._listening.set()
-        except (OSError, ValueError):
-            pass  # the pipe was closed under us by stop()
-        finally:
-            self._listening.set()  # EOF before the line: start() says why
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "not started"
-        return self.proc.pid
-
-    @property
-    def stderr(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_for_line(self, text: str, timeout: float) -> bool:
-        """Wait until a line of stderr contains `text`; False if none did in time."""
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
-        return True
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, signum: int) -> None:
-        assert self.proc is not None, "not started"
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float) -> int:
-        """Wait for the exit and for all of stderr to be read; the exit status.
-
-        Raises `subprocess.TimeoutExpired` if it is still running.
-        """
-        assert self.proc is not None and self._reader is not None, "not started"
-        status = self.proc.wait(timeout)
-        self._reader.join(5)
-        return status
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM, up to `timeout` s for a graceful exit, then SIGKILL; the exit
-        status. Releases the pipe and the reader; safe to call again."""
-        proc = self.proc
-        if proc is None:
-            return None
-        try:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        finally:
-            if self._reader is not None:
-                self._reader.join(5)
-            if proc.stderr is not None:
-                proc.stderr.close()
-        return proc.returncode
-
-    def cpu_seconds(self) -> float | None:
-        return process_cpu_seconds(self.pid)
-
-    def rss_bytes(self) -> int | None:
-        return process_rss_bytes(self.pid)
-
-    def open_fds(self) -> int | None:
-        return process_open_fds(self.pid)
-
-    def __enter__(self) -> "ServerProcess":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of `pid` (Linux /proc), in seconds; None where unavailable."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            text = stat.read()
-    except OSError:
-        return None
-    # Fields after the parenthesised command (which may hold spaces and
-    # parentheses): utime and stime are fields 14 and 15 of the line.
-    fields = text[text.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def process_rss_bytes(pid: int) -> int | None:
-    """Resident memory of `pid` (Linux /proc); None where unavailable."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def process_open_fds(pid: int) -> int | None:
-    """How many descriptors `pid` has open (Linux /proc); None where unavailable."""
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
 
 
 class ManualClock:
