@@ -137,8 +137,12 @@ class SessionContext:
 class FramedSession:
     """The framed protocol, answered by an inline responder."""
 
-    __slots__ = ("transport", "context", "decoder", "state", "frame_started", "_held",
-                 "_jobs", "_error", "__weakref__")
+    # Eight slots and no __weakref__: every idle connection carries one session.
+    __slots__ = ("transport", "context", "decoder", "state", "frame_started", "_held", "_error")
+
+    #: Requests in a pool, in order, until their answers are written: always
+    #: None here (a class attribute, no slot); `PooledFramedSession` has the slot.
+    _jobs: "deque[Job] | None" = None
 
     def __init__(self, transport: SessionTransport, context: SessionContext) -> None:
         self.transport = transport
@@ -148,8 +152,6 @@ class FramedSession:
         self.frame_started: float | None = None
         #: Requests received but not started (see the module's docstring).
         self._held: deque[Frame] | None = None
-        #: Requests in a pool, in order, until their answers are written.
-        self._jobs: deque[Job] | None = None
         #: The fatal error frame owed after the answers before it.
         self._error: Frame | None = None
 
@@ -297,8 +299,9 @@ class FramedSession:
         """The transport closed (the peer reset, the server aborted): drop the work."""
         self._transition(TRANSPORT_CLOSED)
         self._held = None
-        jobs, self._jobs = self._jobs, None
+        jobs = self._jobs
         if jobs:
+            self._jobs = None
             cancel = self.context.responder.cancel
             for job in jobs:
                 cancel(job)
@@ -356,7 +359,11 @@ class Job:
 class PooledFramedSession(FramedSession):
     """The framed protocol, answered by a pool: jobs, answered in order."""
 
-    __slots__ = ()
+    __slots__ = ("_jobs",)
+
+    def __init__(self, transport: SessionTransport, context: SessionContext) -> None:
+        super().__init__(transport, context)
+        self._jobs = None
 
     def _answer(self, frames: list[Frame]) -> None:
         held = self._held

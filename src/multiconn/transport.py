@@ -142,7 +142,7 @@ class Transport:
     __slots__ = (
         "sock", "loop", "limits", "session", "state", "_owner", "_out", "_out_size",
         "_interest", "_paused", "_paused_at", "_draining", "_eof", "last_activity",
-        "last_progress", "_recv_size", "_fd", "_callback", "_kernel_unsent", "_preamble",
+        "last_progress", "_recv_size", "_fd", "_kernel_unsent", "_preamble",
         "_info", "__weakref__",
     )
 
@@ -170,7 +170,6 @@ class Transport:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._interest = 0
-        self._callback: Callable[[int], None] = self._on_events
         #: The stages still to run before the session (an iterator), or None.
         self._preamble: Any = iter(preamble) if preamble else None
         #: What a handler may learn of this connection: None, the PROXY header a
@@ -183,8 +182,7 @@ class Transport:
         the inlined read-and-write path."""
         self.session = session
         if raw_echo and self.vectored:
-            self._fd = self.sock.fileno()
-            self._callback = self._on_raw_echo_events
+            self._fd = self.sock.fileno()  # also says: the loop calls _on_raw_echo_events
         if self._preamble is None:
             self._set_interest(EVENT_READ)
         else:
@@ -555,10 +553,12 @@ class Transport:
             return
         if not interest:
             self.loop.unregister(self.sock)
-        elif not current:
-            self.loop.register(self.sock, interest, self._callback)
         else:
-            self.loop.modify(self.sock, interest, self._callback)
+            callback = self._on_events if self._fd < 0 else self._on_raw_echo_events
+            if not current:
+                self.loop.register(self.sock, interest, callback)
+            else:
+                self.loop.modify(self.sock, interest, callback)
         self._interest = interest
 
     # -- timeouts and closing ---------------------------------------------
