@@ -1,30 +1,21 @@
-"""`multiconn bench`: a load generator for echo servers, in Python.
+"""The load generator proper: one worker process drives its share of the connections.
 
-It mirrors ``bench/loadgen.c``: open every connection first, keep ``pipeline``
-requests in flight on each, verify every byte of every response, and time each
-request from the moment it is queued to the moment its response is complete.
-A warm-up is not counted; the measured window follows; then no new requests
-are issued, the outstanding ones are drained (for at most `DRAIN_TIMEOUT`) and
-the connections are closed.
+A worker opens every connection first, then keeps ``pipeline`` requests in
+flight on each, verifies every byte of every response, and times each request
+from the moment it is queued to the moment its response is complete. It is
+started by `multiconn.bench.runner` (``spawn``), which tells it when the
+warm-up, the measured window and the drain begin and end.
 
 Theory of operation
 -------------------
-1. Processes. The parent starts the echo server when no port is given (a
-   ``multiconn serve --port 0`` subprocess whose port is read from its log line),
-   then ``processes`` workers (``spawn``), each driving its share of the
-   connections over one selector. Workers connect, report ready, and wait for
-   one "go" carrying the start time; phase boundaries are CLOCK_MONOTONIC
-   instants, the same clock in every process. The parent only sleeps: it samples
-   the server's CPU time at the window's edges and draws the progress line from
-   a shared array each worker writes its completed count into.
-2. The request ring. Requests differ per request (a sliding window over a random
+1. The request ring. Requests differ per request (a sliding window over a random
    block), but they are not built per request: a worker builds, once, the bytes
    of ``W`` requests back to back plus ``E`` more that repeat the first ones, the
    *ring*. Request ``k`` of a connection is ring slot ``(base + k) % W``, so the
    requests a connection has to send are always one contiguous slice of the
    ring, and all of them go out in one ``send`` of a memoryview: no join, no
    copy, whatever the pipeline depth.
-3. Verification is a bytes comparison. An echo answers request bytes with the
+2. Verification is a bytes comparison. An echo answers request bytes with the
    same bytes: in raw mode by definition, and in framed mode because multiconn's
    ``echo`` answers our header (``encode_header`` of the same keys) with the same
    header bytes. So the response stream a connection expects is the very ring
@@ -35,12 +26,12 @@ Theory of operation
    fed from the start of the current response, and checks each frame's
    content-type, content-encoding and content. In raw mode a mismatch is an
    error.
-4. Errors (a mismatch, an unexpected close or reset, a malformed frame, a
+3. Errors (a mismatch, an unexpected close or reset, a malformed frame, a
    response to nothing, no response within ``timeout``) close the connection
    they happen on and are counted by kind; the first description of each kind
    is kept. The others carry on.
-5. Latencies go into one ``array('d')`` per worker (8 bytes per request) and are
-   merged and sorted in the parent for the percentiles.
+4. Latencies go into one ``array('d')`` per worker (8 bytes per request), which
+   the parent merges and sorts for the percentiles.
 
 A ``recv`` asks for `RECV_SIZE` bytes. ``recv`` allocates that much and then
 shrinks it; at 128 KiB and above glibc's malloc serves it with mmap and munmap
@@ -52,30 +43,25 @@ from __future__ import annotations
 
 import errno
 import math
-import multiprocessing
 import os
 import random
 import selectors
 import signal
 import socket
-import sys
-import threading
 import time
 from array import array
 from collections import deque
 from dataclasses import dataclass
 from itertools import repeat
 from multiprocessing.connection import Connection as Pipe
-from multiprocessing.connection import wait as wait_pipes
-from typing import Any, Sequence, TextIO
+from typing import Any
 
-from .errors import ProtocolError, ServerStartError
-from .protocol import DEFAULT_MAX_CONTENT, FrameDecoder, encode_header
-from .server_process import ServerProcess
+from ..errors import ProtocolError
+from ..protocol import DEFAULT_MAX_CONTENT, FrameDecoder, encode_header
+from .options import DRAIN_TIMEOUT
 
-__all__ = ["BenchError", "BenchOptions", "BenchResult", "run"]
+__all__ = ["WorkerPlan", "worker_main"]
 
-MODES = ("framed", "raw")
 CONTENT_TYPE = "binary/octet-stream"
 CONTENT_ENCODING = "binary"
 
@@ -85,80 +71,12 @@ RECV_SIZE = 64 * 1024
 RING_REQUESTS = 64
 #: ... and at most about this many bytes (but never fewer than 2 requests).
 RING_BYTES = 8 * 1024 * 1024
-#: After the measured window, how long outstanding responses are waited for.
-DRAIN_TIMEOUT = 2.0
-#: How long the embedded server has to log its port.
-SERVER_START_TIMEOUT = 10.0
-#: After SIGTERM, how long the embedded server has to exit before SIGKILL.
-SERVER_STOP_TIMEOUT = 5.0
-#: Workers start, connect and report ready within ``timeout`` plus this.
-WORKER_START_GRACE = 30.0
-#: Workers report within this long after the drain.
-WORKER_REPORT_GRACE = 10.0
-#: The live progress line is redrawn this often.
-PROGRESS_INTERVAL = 0.5
 #: A worker publishes its progress and checks timeouts this often.
 HOUSEKEEPING_INTERVAL = 0.1
 
 
-class BenchError(Exception):
-    """The benchmark could not run (no server, no connection); one readable line."""
-
-
 @dataclass(frozen=True)
-class BenchOptions:
-    """What to run; the defaults are the command line's."""
-
-    host: str = "127.0.0.1"
-    #: None: start an echo server on a free port and stop it at the end.
-    port: int | None = None
-    connections: int = 50
-    size: int = 64
-    pipeline: int = 1
-    duration: float = 5.0
-    warmup: float = 1.0
-    mode: str = "framed"
-    processes: int = 1
-    timeout: float = 10.0
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first option out of range."""
-        checks = [
-            (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
-            (self.connections >= 1, "connections must be >= 1"),
-            (self.size >= (1 if self.mode == "raw" else 0),
-             "size must be >= 1 in raw mode" if self.mode == "raw" else "size must be >= 0"),
-            (self.pipeline >= 1, "pipeline must be >= 1"),
-            (self.duration > 0, "duration must be > 0"),
-            (self.warmup >= 0, "warmup must be >= 0"),
-            (self.processes >= 1, "processes must be >= 1"),
-            (self.processes <= self.connections, "processes must not exceed connections"),
-            (self.timeout > 0, "timeout must be > 0"),
-            (self.port is None or 0 < self.port <= 65535, "port must be 1..65535"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-
-# -- the embedded server --------------------------------------------------
-
-
-def start_embedded_server(host: str, app: str, max_content: int) -> ServerProcess:
-    """``multiconn serve --port 0`` in a subprocess; raises `BenchError`."""
-    server = ServerProcess("--host", host, "--app", app, "--max-content", str(max_content),
-                           "--log-level", "info")
-    try:
-        return server.start(SERVER_START_TIMEOUT)
-    except ServerStartError as exc:
-        raise BenchError(str(exc)) from None
-
-
-# -- the worker -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _WorkerPlan:
+class WorkerPlan:
     """Everything one worker process needs: plain, picklable data."""
 
     slot: int
@@ -204,7 +122,7 @@ class _Conn:
 class _Worker:
     """Drives a share of the connections over one selector, in one process."""
 
-    def __init__(self, plan: _WorkerPlan, progress: Any) -> None:
+    def __init__(self, plan: WorkerPlan, progress: Any) -> None:
         self.plan = plan
         self.progress = progress
         self.framed = plan.mode == "framed"
@@ -561,11 +479,11 @@ def _first_difference(a: bytes, b: bytes) -> int:
     return min(len(a), len(b))
 
 
-def _worker_main(plan: _WorkerPlan, channel: Pipe, progress: Any) -> None:
+def worker_main(plan: WorkerPlan, channel: Pipe, progress: Any) -> None:
     """A worker process: connect, say ready, wait for go, run, report."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     try:
-        from .server import raise_nofile_limit
+        from ..server import raise_nofile_limit
         raise_nofile_limit()
         worker = _Worker(plan, progress)
         try:
@@ -587,317 +505,3 @@ def _worker_main(plan: _WorkerPlan, channel: Pipe, progress: Any) -> None:
             channel.send(("crashed", f"{type(exc).__name__}: {exc}"))
         except OSError:
             pass  # the parent is gone too; it reports a worker that never answered
-
-
-# -- the parent -----------------------------------------------------------
-
-
-@dataclass
-class BenchResult:
-    """The outcome of one run; `to_json` and `format_table` present it."""
-
-    options: BenchOptions
-    duration_s: float
-    requests: int
-    errors: int
-    error_samples: list[str]
-    latency_us: dict[str, float] | None
-    server_cpu_us_per_request: float | None
-    server_pid: int | None = None
-    client_cpu_percent: float | None = None
-    outstanding_after_drain: int = 0
-    target: str = ""
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.duration_s if self.duration_s > 0 else 0.0
-
-    @property
-    def mbps(self) -> float:
-        return self.rps * self.options.size / 1e6
-
-    def to_json(self) -> dict[str, Any]:
-        options = self.options
-        return {
-            "mode": options.mode,
-            "connections": options.connections,
-            "size": options.size,
-            "pipeline": options.pipeline,
-            "processes": options.processes,
-            "duration_s": round(self.duration_s, 3),
-            "requests": self.requests,
-            "errors": self.errors,
-            "rps": round(self.rps, 1),
-            "mbps": round(self.mbps, 3),
-            "latency_us": ({key: round(value, 1) for key, value in self.latency_us.items()}
-                           if self.latency_us is not None else None),
-            "server_cpu_us_per_request": (round(self.server_cpu_us_per_request, 2)
-                                          if self.server_cpu_us_per_request is not None else None),
-            "error_samples": list(self.error_samples),
-        }
-
-    def format_table(self, micro: str | None = None) -> str:
-        """The human-readable report; `micro` is the µs unit (default: "us" where stdout cannot print "µ")."""
-        options = self.options
-        micro = micro or _micro_sign()
-        server = (f"server started by bench (pid {self.server_pid})" if self.server_pid is not None
-                  else f"server at {self.target}")
-        processes = f"{options.processes} process{'es' if options.processes > 1 else ''}"
-        lines = [
-            f"multiconn bench: {options.mode}, {options.connections} connections x pipeline {options.pipeline}, "
-            f"{options.size} B payload, {processes}, {server}",
-            f"measured {self.duration_s:g} s after {options.warmup:g} s of warm-up",
-            "",
-        ]
-        rows: list[tuple[str, str]] = [
-            ("requests", f"{self.requests:,}"),
-            ("req/s", f"{self.rps:,.0f}"),
-            ("MB/s", f"{self.mbps:,.3f}  (payload, one direction)"),
-        ]
-        names = [("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p99.9", "p999"), ("max", "max")]
-        for label, key in names:
-            value = self.latency_us[key] if self.latency_us is not None else None
-            rows.append((f"latency {label}", _format_us(value, micro)))
-        rows.append(("errors", f"{self.errors:,}"))
-        if self.server_pid is not None:
-            cpu = self.server_cpu_us_per_request
-            rows.append(("server CPU / request", f"{cpu:,.1f} {micro}" if cpu is not None else "-"))
-        if self.client_cpu_percent is not None:
-            rows.append(("bench CPU", f"{self.client_cpu_percent:.0f} % of a core per process"))
-        width = max(len(label) for label, _ in rows)
-        lines += [f"  {label:<{width}}  {value}" for label, value in rows]
-        if self.outstanding_after_drain:
-            lines.append(f"  ({self.outstanding_after_drain} responses still outstanding "
-                         f"{DRAIN_TIMEOUT:g} s after the window)")
-        for sample in self.error_samples:
-            lines.append(f"  error: {sample}")
-        return "\n".join(lines)
-
-
-def _format_us(value: float | None, micro: str) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.0f} {micro}" if value >= 100 else f"{value:.1f} {micro}"
-
-
-def _micro_sign() -> str:
-    try:
-        "\u00b5".encode(getattr(sys.stdout, "encoding", None) or "ascii")
-    except (UnicodeEncodeError, LookupError):
-        return "us"
-    return "\u00b5s"
-
-
-def percentiles_us(latencies: Sequence[float]) -> dict[str, float] | None:
-    """Nearest-rank p50/p90/p99/p99.9 and max, in µs, of latencies in seconds."""
-    if not latencies:
-        return None
-    ordered = sorted(latencies)
-    count = len(ordered)
-
-    def rank(q: float) -> float:
-        return ordered[min(count, max(1, math.ceil(q * count))) - 1] * 1e6
-
-    return {"p50": rank(0.50), "p90": rank(0.90), "p99": rank(0.99), "p999": rank(0.999),
-            "max": ordered[-1] * 1e6}
-
-
-def _resolve(host: str, port: int) -> tuple[int, tuple]:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise BenchError(f"cannot resolve {host!r}: {getattr(exc, 'strerror', None) or 'invalid host name'}") from None
-    family, _type, _proto, _name, address = infos[0]
-    return family, address
-
-
-def _split(total: int, parts: int) -> list[int]:
-    """`total` spread over `parts` shares, the remainder one each to the first."""
-    share, extra = divmod(total, parts)
-    return [share + (1 if index < extra else 0) for index in range(parts)]
-
-
-class _Progress:
-    """The live line on a TTY: elapsed, completed, current rate."""
-
-    def __init__(self, stream: TextIO | None, counts: Any, start: float, warmup: float, duration: float) -> None:
-        self.stream = stream
-        self.counts = counts
-        self.start = start
-        self.warmup = warmup
-        self.duration = duration
-        self.last_time = start
-        self.last_count = 0
-        self.next = start + PROGRESS_INTERVAL
-        self.drawn = False
-
-    def update(self, now: float) -> None:
-        if self.stream is None or now < self.next:
-            return
-        self.next = now + PROGRESS_INTERVAL
-        completed = sum(self.counts)
-        rate = (completed - self.last_count) / max(1e-9, now - self.last_time)
-        self.last_time, self.last_count = now, completed
-        elapsed = now - self.start
-        phase = ("warm-up" if elapsed < self.warmup
-                 else "measuring" if elapsed < self.warmup + self.duration else "draining")
-        self.stream.write(f"\r{elapsed:6.1f} s  {phase:<9}  {completed:>12,} done  {rate:>10,.0f} req/s\x1b[K")
-        self.stream.flush()
-        self.drawn = True
-
-    def clear(self) -> None:
-        if self.drawn and self.stream is not None:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.drawn = False
-
-
-class _Interrupted(KeyboardInterrupt):
-    """SIGTERM, raised as KeyboardInterrupt so that every cleanup path runs."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise _Interrupted()
-
-
-def run(options: BenchOptions, *, progress: TextIO | None = None) -> BenchResult:
-    """Run one benchmark; raises `BenchError` when it cannot run at all.
-
-    The embedded server (no `options.port`) and the workers are stopped on
-    every way out, KeyboardInterrupt and SIGTERM included. `progress`: a stream
-    for the live progress line (a TTY), or None.
-    """
-    options.validate()
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
-    server: ServerProcess | None = None
-    processes: list[multiprocessing.process.BaseProcess] = []
-    try:
-        port = options.port
-        if port is None:
-            app = "echo" if options.mode == "framed" else "raw-echo"
-            server = start_embedded_server(options.host, app, max(DEFAULT_MAX_CONTENT, options.size))
-            port = server.port
-        return _run_workers(options, port, server, processes, progress)
-    finally:
-        try:
-            for process in processes:
-                if process.is_alive():
-                    process.terminate()
-            for process in processes:
-                process.join(2.0)
-                if process.is_alive():
-                    process.kill()
-                    process.join()
-        finally:
-            if server is not None:
-                server.stop(SERVER_STOP_TIMEOUT)
-            if in_main_thread:
-                signal.signal(signal.SIGTERM, previous)
-
-
-def _run_workers(options: BenchOptions, port: int, server: ServerProcess | None,
-                 processes: list[Any], progress_stream: TextIO | None) -> BenchResult:
-    family, address = _resolve(options.host, port)
-    target = f"[{options.host}]:{port}" if ":" in options.host else f"{options.host}:{port}"
-    context = multiprocessing.get_context("spawn")
-    counts = context.RawArray("q", options.processes)
-    channels: dict[Pipe, int] = {}
-    first = 0
-    for slot, share in enumerate(_split(options.connections, options.processes)):
-        plan = _WorkerPlan(slot=slot, first_connection=first, connections=share, family=family,
-                           address=address, target=target, mode=options.mode, size=options.size,
-                           pipeline=options.pipeline, timeout=options.timeout)
-        first += share
-        parent_end, child_end = context.Pipe()
-        process = context.Process(target=_worker_main, args=(plan, child_end, counts),
-                                  name=f"multiconn-bench-{slot}", daemon=True)
-        process.start()
-        child_end.close()
-        processes.append(process)
-        channels[parent_end] = slot
-
-    # Every connection of every worker is open before any request is sent.
-    waiting = dict(channels)
-    deadline = time.monotonic() + options.timeout + WORKER_START_GRACE
-    while waiting:
-        ready = wait_pipes(list(waiting), timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
-            raise BenchError(f"{len(waiting)} worker processes did not get ready in time")
-        for channel in ready:
-            slot = waiting.pop(channel)
-            kind, detail = _receive(channel)
-            if kind != "ready":
-                raise BenchError(detail if kind == "failed" else f"worker {slot + 1} failed: {detail}")
-
-    start = time.monotonic()
-    t_measure = start + options.warmup
-    t_end = t_measure + options.duration
-    for channel in channels:
-        try:
-            channel.send(("go", start, options.warmup, options.duration))
-        except OSError:
-            pass  # it died since it said ready: its report reads as a crash below
-    progress = _Progress(progress_stream, counts, start, options.warmup, options.duration)
-    cpu_start = cpu_end = None
-    reports: dict[int, tuple[str, Any]] = {}
-    waiting = dict(channels)
-    hard_deadline = t_end + DRAIN_TIMEOUT + WORKER_REPORT_GRACE
-    try:
-        while waiting:
-            now = time.monotonic()
-            if server is not None:
-                if cpu_start is None and now >= t_measure:
-                    cpu_start = server.cpu_seconds()
-                if cpu_end is None and now >= t_end:
-                    cpu_end = server.cpu_seconds()
-            if now >= hard_deadline:
-                break
-            progress.update(now)
-            wake = min(hard_deadline, progress.next if progress_stream is not None else hard_deadline,
-                       t_measure if now < t_measure else t_end if now < t_end else hard_deadline)
-            for channel in wait_pipes(list(waiting), timeout=max(0.0, wake - now)):
-                slot = waiting.pop(channel)
-                reports[slot] = _receive(channel)
-    finally:
-        progress.clear()
-    if server is not None and cpu_end is None and cpu_start is not None:
-        cpu_end = server.cpu_seconds()  # every worker stopped early
-
-    requests = errors = outstanding = 0
-    samples: dict[str, str] = {}
-    latencies = array("d")
-    cpu_percent: list[float] = []
-    for slot in range(options.processes):
-        kind, detail = reports.get(slot, ("crashed", "no report in time"))
-        if kind != "done":
-            errors += 1
-            samples.setdefault("worker", f"worker {slot + 1} failed: {detail}")
-            continue
-        requests += detail["measured"]
-        outstanding += detail["outstanding"]
-        latencies.extend(detail["latencies"])
-        cpu_percent.append(100.0 * detail["cpu_seconds"] / options.duration)
-        for error_kind, (count, sample) in detail["errors"].items():
-            errors += count
-            samples.setdefault(error_kind, sample)
-
-    server_cpu = None
-    if cpu_start is not None and cpu_end is not None and requests:
-        server_cpu = (cpu_end - cpu_start) * 1e6 / requests
-    return BenchResult(
-        options=options, duration_s=options.duration, requests=requests, errors=errors,
-        error_samples=[f"{kind}: {sample}" for kind, sample in samples.items()],
-        latency_us=percentiles_us(latencies), server_cpu_us_per_request=server_cpu,
-        server_pid=server.pid if server is not None else None,
-        client_cpu_percent=sum(cpu_percent) / len(cpu_percent) if cpu_percent else None,
-        outstanding_after_drain=outstanding, target=target,
-    )
-
-
-def _receive(channel: Pipe) -> tuple[str, Any]:
-    """One message from a worker; a dead worker reads as ("crashed", why)."""
-    try:
-        return channel.recv()
-    except (EOFError, OSError):
-        return "crashed", "it exited without a word"
