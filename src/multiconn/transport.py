@@ -97,6 +97,10 @@ PAUSE_ENDED = 16      #: the session takes no more input (a fatal error is on it
 
 OPEN, FINISHING, LINGERING, CLOSED = "open", "finishing", "lingering", "closed"
 
+# What happens to input (`Transport._input`): read it; read what is there and
+# end (server shutdown); no more (EOF, or the drain is done).
+INPUT_OPEN, INPUT_DRAINING, INPUT_ENDED = 0, 1, 2
+
 
 class Stage(Protocol):
     """A preamble stage: runs on the socket before the session sees a byte.
@@ -141,7 +145,7 @@ class Transport:
 
     __slots__ = (
         "sock", "loop", "limits", "session", "state", "_owner", "_out", "_out_size",
-        "_interest", "_paused", "_paused_at", "_draining", "_eof", "last_activity",
+        "_interest", "_paused", "_paused_at", "_input", "last_activity",
         "last_progress", "_recv_size", "_fd", "_kernel_unsent", "_preamble",
         "_info", "__weakref__",
     )
@@ -160,8 +164,7 @@ class Transport:
         self._out_size = 0
         self._paused = 0
         self._paused_at = 0.0
-        self._draining = False
-        self._eof = False
+        self._input = INPUT_OPEN
         self._recv_size = SMALL_RECV_SIZE
         self._fd = -1
         self._kernel_unsent = 0
@@ -239,7 +242,7 @@ class Transport:
             if mask & EVENT_WRITE:
                 self._flush()
             if mask & EVENT_READ and self.state is not CLOSED:
-                if self._draining:
+                if self._input:  # draining, or ended (a stale event)
                     self._drain_input()
                 else:
                     self._read_once()
@@ -261,7 +264,7 @@ class Transport:
         benchmarks/results/).
         """
         if (mask != EVENT_READ or self._recv_size != SMALL_RECV_SIZE or self._out is not None
-                or self.state is not OPEN or self._draining):
+                or self.state is not OPEN or self._input):
             self._on_events(mask)
             return
         try:
@@ -357,7 +360,7 @@ class Transport:
             self.close(f"recv failed: {exc}")
 
     def _on_eof(self) -> None:
-        self._eof = True
+        self._input = INPUT_ENDED
         if self.state is LINGERING and not self._out:
             # The error frame is out and our sending side shut down: done.
             self.close("peer closed after error")
@@ -421,7 +424,7 @@ class Transport:
             return
         self.session.reading_resumed(self.loop.now - self._paused_at)
         self._update_interest()
-        if self.state is OPEN and self._draining:
+        if self.state is OPEN and self._input == INPUT_DRAINING:
             self.loop.call_soon(self._drain_input)
         else:
             self._after_resume()
@@ -449,7 +452,7 @@ class Transport:
         the error frame instead of a reset."""
         if self.state is not OPEN:
             return
-        if self._eof:  # the peer has closed its side: nothing would reset
+        if self._input == INPUT_ENDED:  # no more input will come: nothing would reset
             self.finish()
             return
         self.state = LINGERING
@@ -466,21 +469,21 @@ class Transport:
 
     def drain(self) -> None:
         """Server shutdown: read what the peer already sent, then end the input."""
-        if self.state is not OPEN or self._draining:
+        if self.state is not OPEN or self._input:
             return
         if self._preamble is not None:  # no request has come yet, and none will
             self.close("server shutting down")
             return
-        self._draining = True
+        self._input = INPUT_DRAINING
         if not self._paused:
             self._drain_input()
 
     def _drain_input(self) -> None:
-        while self.state is OPEN and not self._paused and not self._eof:
+        while self.state is OPEN and not self._paused and self._input != INPUT_ENDED:
             if not self._read_once():
                 break
-        if self.state is OPEN and not self._paused and not self._eof:
-            self._eof = True  # no more input will be taken
+        if self.state is OPEN and not self._paused and self._input != INPUT_ENDED:
+            self._input = INPUT_ENDED  # no more input will be taken
             self._update_interest()
             self.session.input_ended("server shutting down")
 
@@ -544,7 +547,7 @@ class Transport:
         """Ask the poller for exactly what this connection can use now."""
         if self.state is CLOSED:
             return
-        reading = not self._paused and self.state is not FINISHING and not (self._eof and self.state is OPEN)
+        reading = not self._paused and self.state is not FINISHING and not (self._input == INPUT_ENDED and self.state is OPEN)
         self._set_interest((EVENT_READ if reading else 0) | (EVENT_WRITE if self._out else 0))
 
     def _set_interest(self, interest: int) -> None:
