@@ -176,12 +176,13 @@ class ServerMetrics:
         responder = server.responder
         kind = getattr(responder, "kind", "inline")
         if kind != "inline":
-            running = min(responder.outstanding, getattr(responder, "capacity", 0) or responder.outstanding)
+            capacity = getattr(responder, "capacity", 0)
+            running = min(responder.outstanding, capacity) if capacity else responder.outstanding
             pool = f'pool="{kind}"'
             add("multiconn_pool_queued", "gauge", "Requests waiting for a handler pool worker.",
                 [(pool, responder.outstanding - running)])
-            add("multiconn_pool_in_flight", "gauge", "Requests handed to the handler pool and not answered.",
-                [(pool, responder.outstanding)])
+            add("multiconn_pool_in_flight", "gauge", "Requests a pool worker (or an async task) is running now.",
+                [(pool, running)])
             lines.append("# HELP multiconn_pool_wait_seconds Time a request waited for a pool worker.")
             lines.append("# TYPE multiconn_pool_wait_seconds histogram")
             lines.extend(self.pool_wait.samples("multiconn_pool_wait_seconds", pool))
