@@ -37,6 +37,16 @@ def scrape(server: Any) -> dict[str, Any]:
     return samples
 
 
+def scrape_until(server: Any, predicate: Any, timeout: float = 5.0) -> dict[str, Any]:
+    """Scrape until `predicate(samples)` holds (the server may not have seen a close yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(server)
+        if predicate(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
+
+
 def metrics_server(start_server: Any, app: Any = "echo", **kwargs: Any) -> Any:
     return start_server(app, metrics_address=("127.0.0.1", 0), **kwargs)
 
@@ -49,8 +59,7 @@ def test_counters_match_the_traffic_sent(start_server) -> None:
         assert len(client.request_many(frames)) == 50
         open_now = scrape(server)
     assert open_now["multiconn_connections_open"] == 1
-    time.sleep(0.2)  # the server sees the close
-    samples = scrape(server)
+    samples = scrape_until(server, lambda s: s["multiconn_connections_open"] == 0)
     assert samples["multiconn_connections_open"] == 0
     assert samples["multiconn_connections_accepted_total"] == 1
     assert samples["multiconn_connections_closed_total{reason=done}"] == 1
@@ -91,8 +100,8 @@ def test_error_frames_by_code_and_close_reasons(start_server) -> None:
         sock.settimeout(5)
         while sock.recv(4096):
             pass
-    time.sleep(0.2)
-    samples = scrape(server)
+    samples = scrape_until(server, lambda s: s.get("multiconn_connections_closed_total{reason=done}") == 1
+                           and s.get("multiconn_connections_closed_total{reason=error}") == 1)
     assert samples["multiconn_error_frames_total{code=bad-content}"] == 1
     assert samples["multiconn_error_frames_total{code=bad-header-length}"] == 1
     assert samples["multiconn_connections_closed_total{reason=error}"] == 1
@@ -112,24 +121,24 @@ def test_backpressure_pauses_are_counted(start_server) -> None:
 def test_pool_metrics(start_server, pool, app) -> None:
     server = metrics_server(start_server, app, handler_pool=pool, pool_size=1 if pool != "inline" else None)
     with socket.create_connection(server.address) as sock:
-        sock.sendall(encode_frames(Frame.binary(b"sleep:0.2", id=i) for i in range(3)))
-        time.sleep(0.1)
-        during = scrape(server)
+        sock.sendall(encode_frames(Frame.binary(b"sleep:0.5", id=i) for i in range(3)))
+        kind = {"inline": "async"}.get(pool, pool)
+        during = scrape_until(server, lambda s: s[f"multiconn_pool_queued{{pool={kind}}}"]
+                              + s[f"multiconn_pool_in_flight{{pool={kind}}}"] == 3)
         sock.settimeout(5)
         received = b""
-        while received.count(b"sleep:0.2") < 3:
+        while received.count(b"sleep:0.5") < 3:
             received += sock.recv(4096)
-    kind = {"inline": "async"}.get(pool, pool)
     if pool != "inline":
         assert during[f"multiconn_pool_in_flight{{pool={kind}}}"] == 1  # one worker
         assert during[f"multiconn_pool_queued{{pool={kind}}}"] == 2  # and two wait for it
     else:
         assert during[f"multiconn_pool_in_flight{{pool={kind}}}"] == 3  # async: all run at once
-    after = scrape(server)
+    after = scrape_until(server, lambda s: s[f"multiconn_pool_wait_seconds_count{{pool={kind}}}"] == 3)
     assert after[f"multiconn_pool_in_flight{{pool={kind}}}"] == 0
     assert after[f"multiconn_pool_wait_seconds_count{{pool={kind}}}"] == 3
     if pool != "inline":
-        assert after[f"multiconn_pool_wait_seconds_sum{{pool={kind}}}"] >= 0.2 + 0.4 - 0.05
+        assert after[f"multiconn_pool_wait_seconds_sum{{pool={kind}}}"] >= 0.5 + 1.0 - 0.1
     assert after["multiconn_requests_total"] == 3
 
 
