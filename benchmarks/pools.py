@@ -782,7 +782,10 @@ def build_report(args, meta, records):
         still = [r for r in ok if r["other_cpu_pct"] > args.max_other]
         L.append(f"- {len(repeated)} of {len(records)} runs were repeated because other processes used more than "
                  f"{args.max_other:g} % of one CPU during their measured window (up to {args.retries} repeats, "
-                 f"the quietest attempt kept); {len(still)} still had more in the attempt kept.")
+                 f"the quietest attempt kept); {len(still)} still had more in the attempt kept"
+                 + (": " + ", ".join(f"{r['scenario']} / {r['server']}{' / ' + r['variant'] if r['variant'] else ''} "
+                                     f"round {r['round'] + 1} ({r['other_cpu_pct']:.0f} %)" for r in still)
+                    if still else "") + ".")
     busy = [r for r in records if r.get("busy_before_pct", 0) >= QUIET_BUSY_PCT]
     if busy:
         L.append(f"- {len(busy)} of {len(records)} runs started on a busy machine (after waiting "
