@@ -14,10 +14,14 @@ from __future__ import annotations
 import threading
 from typing import Any, Union
 
-from .apps import App, RawEcho
+from .apps import App, RawEcho, load_app
 from .client import Client, connect
+from .connection_info import ConnectionInfo, WithConnection, wants_connection
 from .limits import Limits
+from .protocol import Frame, FrameDecoder, encode_frame, encode_frames
+from .responders import InlineResponder, ServerStatus, is_async_app
 from .server import Server
+from .session import FramedSession, SessionContext
 from .server_process import ServerProcess
 from .transport import PAUSE_ENDED
 
@@ -116,6 +120,8 @@ class MemoryTransport:
         self.failed = False
         self.lost = False
         self._wants_buffer = False
+        #: What a two-parameter app is given as its connection.
+        self.connection_info: ConnectionInfo | None = None
 
     def attach(self, session: Any) -> None:
         self.session = session
@@ -192,9 +198,75 @@ class MemoryTransport:
 
     def take_frames(self) -> list[Any]:
         """Decode and remove every complete frame the session has sent."""
-        from .protocol import FrameDecoder
-
         decoder = FrameDecoder(max_content=1 << 30)
         frames = decoder.feed(bytes(self.output))
         del self.output[:len(self.output) - decoder.buffered]
         return frames
+
+
+class MemoryConnection:
+    """The server side of one framed connection, in memory: unit-test an app
+    under pipelining, partial frames and timeouts with no socket and no sleep.
+
+    It is the server's own session (`multiconn.session.FramedSession`) and
+    handler path, driven by a `MemoryTransport` and a `ManualClock`::
+
+        conn = MemoryConnection(myapp.upper, limits=Limits(frame_timeout=5))
+        conn.send([Frame.binary(b"a", id=1), Frame.binary(b"b", id=2)], chunk=3)
+        assert [f.content for f in conn.answers()] == [b"A", b"B"]
+        conn.send(encode_frame(Frame.binary(b"half"))[:10])   # a partial frame
+        conn.advance(6)                                        # past the frame timeout
+        assert conn.answers()[0].error_info[0] == "timeout" and conn.failed
+
+    Handlers run inline (an ``async def`` app needs a real server: use
+    `ServerThread`); a two-parameter app gets `connection` as its
+    `ConnectionInfo` (default: a client at 127.0.0.1:50000).
+    """
+
+    def __init__(self, app: Any, *, limits: Limits = Limits(), clock: ManualClock | None = None,
+                 connection: Any = None) -> None:
+        app = load_app(app) if isinstance(app, str) else app
+        if isinstance(app, RawEcho) or is_async_app(app):
+            raise ValueError("MemoryConnection runs framed, synchronous apps; use ServerThread for this one")
+        with_connection = wants_connection(app)
+        if with_connection:
+            app = WithConnection(app)
+        self.clock = clock if clock is not None else ManualClock()
+        self.status = ServerStatus()
+        self.transport = MemoryTransport(low_water=limits.low_water)
+        self.transport.connection_info = connection or ConnectionInfo(("127.0.0.1", 50000), ("127.0.0.1", 65432))
+        context = SessionContext(InlineResponder(app, self.status), limits, self.clock, self.status)
+        context.with_connection = with_connection
+        self.session = FramedSession(self.transport, context)
+        self.transport.attach(self.session)
+
+    def send(self, data: Any, chunk: int | None = None) -> None:
+        """Bytes, a `Frame` or frames, as the client would send them (`chunk` bytes per read)."""
+        if isinstance(data, Frame):
+            data = encode_frame(data)
+        elif not isinstance(data, (bytes, bytearray, memoryview)):
+            data = encode_frames(data)
+        self.transport.feed(bytes(data), chunk)
+
+    def answers(self) -> list[Frame]:
+        """Every complete frame the server sent since the last call."""
+        return self.transport.take_frames()
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock, then let the server check its timeouts, as its sweep would."""
+        self.clock.advance(seconds)
+        self.session.check_timeouts(self.clock.now)
+
+    def close_input(self) -> None:
+        """The client shuts down its sending side (EOF): complete requests are still answered."""
+        self.transport.eof()
+
+    @property
+    def finished(self) -> bool:
+        """The server ended the connection cleanly (after EOF, all answered)."""
+        return self.transport.finished
+
+    @property
+    def failed(self) -> bool:
+        """The server ended the connection after a fatal error frame."""
+        return self.transport.failed
