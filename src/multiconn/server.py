@@ -50,6 +50,7 @@ from .proxy import ProxyHeaderParser
 from .proxy_stage import DEFAULT_TRUSTED, ProxyProtocolStage, parse_networks
 from .tls import TLSHandshake, TLSTransport
 from .transport import PAUSE_QUEUE, StageFactory, Transport
+from .buffers import BufferPool
 from .connection_info import WithConnection, wants_connection
 from .metrics import ServerMetrics, timed_respond
 from .metrics_endpoint import MetricsEndpoint
@@ -164,6 +165,7 @@ class Server:
             self._session_class = PooledFramedSession
         self._context = SessionContext(self.responder, limits, self.loop, self.status)
         self._context.with_connection = with_connection
+        self._context.buffers = BufferPool()  # large contents, reused when nothing holds them
         self._owner = _ConnectionOwner(self)
         #: Counters for ``--metrics`` (`multiconn.metrics`); None when not asked for.
         self.metrics: ServerMetrics | None = ServerMetrics() if metrics or metrics_address else None

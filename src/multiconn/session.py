@@ -120,7 +120,7 @@ class SessionContext:
     idle connection's memory is part of the product.
     """
 
-    __slots__ = ("responder", "limits", "clock", "metrics", "status", "with_connection")
+    __slots__ = ("responder", "limits", "clock", "metrics", "status", "with_connection", "buffers")
 
     def __init__(self, responder: "Responder", limits: Limits, clock: Clock, status: Any = None) -> None:
         self.responder = responder
@@ -130,6 +130,8 @@ class SessionContext:
         self.status = status
         #: Whether requests carry their `ConnectionInfo` (the app asked for it).
         self.with_connection = False
+        #: `multiconn.buffers.BufferPool` for large contents (None: a new buffer each).
+        self.buffers: Any = None
         #: `multiconn.metrics.ServerMetrics` when the server counts, else None.
         self.metrics: Any = None
 
@@ -147,7 +149,7 @@ class FramedSession:
     def __init__(self, transport: SessionTransport, context: SessionContext) -> None:
         self.transport = transport
         self.context = context
-        self.decoder = FrameDecoder(context.limits.max_content)
+        self.decoder = FrameDecoder(context.limits.max_content, context.buffers)
         self.state = OPEN
         self.frame_started: float | None = None
         #: Requests received but not started (see the module's docstring).
