@@ -187,7 +187,8 @@ class ProxyHeaderParser:
     @staticmethod
     def _check_v2_start(version_command: int, family_transport: int, length: int) -> None:
         """Refuse early what cannot become valid, rather than wait for its length."""
-        _v2_command(version_command)
+        if _v2_command(version_command) == "LOCAL":
+            return
         family = family_transport >> 4
         if version_command & 0xF == 0x1 and family in V2_ADDRESS_SIZES and length < V2_ADDRESS_SIZES[family]:
             raise ProxyHeaderError(f"PROXY v2 address block of {length} bytes is too short for its family")
@@ -211,6 +212,8 @@ def _parse_v1(line: bytes) -> ProxyHeader:
 
 def _v1_address(kind: type, host: str, port: str) -> tuple[str, int]:
     try:
+        if "%" in host:  # an IPv6 zone names an interface of the sender's, not an address
+            raise ValueError(host)
         address = kind(host)
     except ValueError:
         family = "IPv4" if kind is ipaddress.IPv4Address else "IPv6"
@@ -219,7 +222,9 @@ def _v1_address(kind: type, host: str, port: str) -> tuple[str, int]:
 
 
 def _port(text: str) -> int:
-    if not text.isdigit() or not text.isascii() or len(text) > 5 or int(text) > 65535:
+    # Decimal digits, no sign, no leading zero (the specification forbids them), at most 65535.
+    if (not text.isdigit() or not text.isascii() or len(text) > 5 or int(text) > 65535
+            or (len(text) > 1 and text[0] == "0")):
         raise ProxyHeaderError(f"PROXY v1 port {text!r} is not a decimal number within 0-65535")
     return int(text)
 
@@ -240,11 +245,21 @@ def _parse_v2(version_command: int, family_transport: int, body: bytes) -> Proxy
     family, transport = family_transport >> 4, family_transport & 0xF
     if family not in (0x0, *V2_ADDRESS_SIZES) or transport not in (0x0, 0x1, 0x2):
         raise ProxyHeaderError(f"PROXY v2 header with unknown family/transport {family_transport:#04x}")
+    if command == "LOCAL":
+        # The balancer's own connection (a health check): the specification says
+        # to accept it whatever its family and block, which are discarded. TLVs
+        # that parse are kept (HAProxy may send some); any that do not are dropped.
+        size = V2_ADDRESS_SIZES.get(family, 0)
+        try:
+            tlvs = _parse_tlvs(body[size:]) if len(body) >= size else {}
+        except ProxyHeaderError:
+            tlvs = {}
+        return ProxyHeader(2, command, tlvs=tlvs)
     size = V2_ADDRESS_SIZES.get(family, 0)
     if len(body) < size:
         raise ProxyHeaderError(f"PROXY v2 address block of {len(body)} bytes is too short for its family")
     tlvs = _parse_tlvs(body[size:])
-    if command == "LOCAL" or transport != 0x1 or family not in (0x1, 0x2):
+    if transport != 0x1 or family not in (0x1, 0x2):
         return ProxyHeader(2, command, tlvs=tlvs)  # no TCP addresses to use: the socket's apply
     if family == 0x1:
         src, dst, sport, dport = struct.unpack_from("!4s4sHH", body)

@@ -7,7 +7,7 @@ byte: no error frame, because the peer is a load balancer that did not speak
 the protocol it was configured for, or someone who is not the load balancer.
 That includes a peer outside `trusted` (checked before a byte is read), a
 malformed or unknown header, one that is too long, and one not complete within
-the frame timeout (the transport's preamble deadline).
+the frame timeout of the accept (the transport's preamble deadline).
 
 The stage peeks at the socket and reads exactly the header's bytes, so what
 follows (a TLS ClientHello, the first frame) is left for the next stage. It
@@ -104,7 +104,8 @@ class ProxyProtocolStage:
             transport.reject(str(exc))
             return
         socket.socket.recv(sock, consumed)  # exactly the header's bytes: they are in the buffer
-        transport.last_activity = transport.loop.now
+        # The preamble's deadline runs from the accept, not from the last byte:
+        # a header trickled in a byte at a time must not hold the connection open.
         if header is not None:
             transport.proxy_header = header
             log.debug("%s: PROXY v%d %s", transport, header.version, header.command)

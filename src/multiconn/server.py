@@ -150,9 +150,9 @@ class Server:
         self._transport_class: type[Transport] = Transport if ssl_context is None else TLSTransport
         #: What runs on each connection before the session, in order (see transport.Stage).
         self._preamble: tuple[StageFactory, ...] = ()
+        trusted = parse_networks(proxy_trusted)  # checked even when unused: a typo should not wait
         if proxy_protocol is not None:  # first: the balancer's header comes before any TLS
-            self._preamble += (functools.partial(ProxyProtocolStage, accept=proxy_protocol,
-                                                 trusted=parse_networks(proxy_trusted)),)
+            self._preamble += (functools.partial(ProxyProtocolStage, accept=proxy_protocol, trusted=trusted),)
             ProxyHeaderParser(proxy_protocol)  # ValueError now for an unknown version
         if ssl_context is not None:
             self._preamble += (TLSHandshake,)

@@ -203,8 +203,10 @@ class Transport:
             return
         self._preamble = None
         self.last_activity = self.loop.now
-        if self._interest:
-            self._set_interest(0)  # registered with the stage's callback: re-register with ours
+        if self._interest:  # registered with the stage's callback: ours from now on (one modify)
+            callback = self._on_events if self._fd < 0 else self._on_raw_echo_events
+            self.loop.modify(self.sock, EVENT_READ, callback)
+            self._interest = EVENT_READ
         self._update_interest()
         if self.session is not None and self.state is OPEN:
             self._on_events(EVENT_READ)  # bytes may be waiting already (or inside TLS)
