@@ -189,27 +189,39 @@ class EventLoop:
         self._wake()
 
     def _run_once(self) -> None:
+        """One iteration: wait, dispatch, run due timers and queued calls.
+
+        Under light load every request is an iteration of its own, so its
+        fixed cost is paid per request: no ``min``/``max`` builtins (they parse
+        keyword arguments on every call), a negative timeout is the poller's
+        to clamp, and the timer and ready-queue steps cost a truth test when
+        there is nothing for them.
+        """
         timers = self._timers
         if self._ready:
-            timeout: float | None = 0.0
+            timeout = 0.0
         elif timers:
-            timeout = min(max(0.0, timers[0].when - self.clock()), MAX_SELECT_TIMEOUT)
+            timeout = timers[0].when - self.clock()
+            if timeout > MAX_SELECT_TIMEOUT:
+                timeout = MAX_SELECT_TIMEOUT
         else:
             timeout = MAX_SELECT_TIMEOUT
         events = self._poller.poll(timeout)
         self.now = now = self.clock()
         self._poller.dispatch(events)
-        while timers and timers[0].when <= now:
-            handle = heapq.heappop(timers)
-            if not handle.cancelled:
-                self._ready.append((handle.callback, handle.args))
+        if timers and timers[0].when <= now:
+            while timers and timers[0].when <= now:
+                handle = heapq.heappop(timers)
+                if not handle.cancelled:
+                    self._ready.append((handle.callback, handle.args))
         ready = self._ready
-        for _ in range(len(ready)):
-            callback, args = ready.popleft()
-            try:
-                callback(*args)
-            except Exception:
-                log.exception("callback %r failed", callback)
+        if ready:
+            for _ in range(len(ready)):
+                callback, args = ready.popleft()
+                try:
+                    callback(*args)
+                except Exception:
+                    log.exception("callback %r failed", callback)
 
     def close(self) -> None:
         """Release the selector and the wake-up sockets (idempotent)."""

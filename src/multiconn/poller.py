@@ -10,11 +10,9 @@ reported as whichever of the two it is registered for, as `selectors` does.
 
 Why not `selectors` alone: ``EpollSelector.select()`` pays, in Python, for every
 ready descriptor (a `SelectorKey` lookup, the mask translated bit by bit, a
-tuple appended to a list that the loop unpacks again): about 150 ns per event.
-For a server of small messages that is a large share of its own work: raw echo
-of 64-byte messages on 100 connections took 0.60 µs of user CPU per request
-with `EpollPoller` against 0.72 with `selectors`, 8 % more requests per second.
-So on Linux `EpollPoller` owns the `select.epoll` object itself (the one
+tuple appended to a list that the loop unpacks again). For a server of small
+messages, where one ready event is one request, that is a large share of its
+own work (the measured difference: benchmarks/results/micro.md). So on Linux `EpollPoller` owns the `select.epoll` object itself (the one
 `selectors.EpollSelector` wraps; trio's ``_io_epoll.py`` does the same) and
 dispatches straight from the kernel's ``(fd, events)`` list through one dict
 of callbacks. EPOLLIN equals EVENT_READ, so the common event needs no
@@ -30,7 +28,6 @@ every callback of this package tolerates a read that finds nothing.
 from __future__ import annotations
 
 import logging
-import math
 import select
 import selectors
 from typing import Any, Callable, Iterable, Protocol
@@ -41,6 +38,9 @@ EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
 
 EventCallback = Callable[[int], None]
+
+#: The most events one `EpollPoller.poll` returns; more wait for the next one.
+MAX_EVENTS = 1024
 
 
 class Poller(Protocol):
@@ -125,6 +125,8 @@ class EpollPoller:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._callbacks: dict[int, EventCallback] = {}
+        #: ``maxevents`` for `poll`: the registrations, at least 1, at most MAX_EVENTS.
+        self._max_events = 1
         # fd -> (file object, interest in EVENT_* terms), for the rarer paths.
         self._registered: dict[int, tuple[Any, int]] = {}
 
@@ -136,6 +138,7 @@ class EpollPoller:
         self._epoll.register(fd, _epoll_mask(events))
         self._registered[fd] = (fileobj, events)
         self._callbacks[fd] = callback
+        self._max_events = min(len(self._callbacks), MAX_EVENTS)
 
     def modify(self, fileobj: Any, events: int, callback: EventCallback) -> None:
         fd = self._registered_fd(fileobj)
@@ -153,6 +156,7 @@ class EpollPoller:
             return
         del self._registered[fd]
         del self._callbacks[fd]
+        self._max_events = max(1, min(len(self._callbacks), MAX_EVENTS))
         try:
             self._epoll.unregister(fd)
         except OSError:
@@ -174,16 +178,19 @@ class EpollPoller:
         return fd if fd in self._registered else None
 
     def poll(self, timeout: float | None) -> list[tuple[int, int]]:
+        """Wait up to `timeout` seconds (None: forever; <= 0: not at all).
+
+        ``epoll.poll`` itself rounds a timeout up to whole milliseconds (a
+        wait for a timer 0.4 ms away must not return at once and spin), and
+        asks for at most `MAX_EVENTS` events: the rest stay ready for the next
+        call, and the buffer it allocates per call stays small.
+        """
         if timeout is None:
             timeout = -1
         elif timeout <= 0:
             timeout = 0
-        else:
-            # epoll counts milliseconds: round up, or a wait for a timer that
-            # is 0.4 ms away would return at once and spin until it is due.
-            timeout = math.ceil(timeout * 1e3) * 1e-3
         try:
-            return self._epoll.poll(timeout, max(len(self._callbacks), 1))
+            return self._epoll.poll(timeout, self._max_events)
         except InterruptedError:
             return []
 
