@@ -26,7 +26,7 @@ garbage
     bad JSON, not UTF-8, a BOM, duplicate keys, missing keys, bad values, bad ids,
     content-too-large, random bytes), or a text/json frame whose content does not
     parse. They must get the valid answers, then the error frame with the code
-    (and id) PROTOCOL.md section 3 prescribes, then EOF for a fatal error, or,
+    (and id) docs/protocol.md ("Errors") prescribes, then EOF for a fatal error, or,
     for ``bad-content``, a connection that still answers.
 reset
     connections that send nothing, half a frame, or a whole pipeline (reading
@@ -40,8 +40,9 @@ latencies are not inflated by the other kinds' threads, one for the rest. The
 parent only watches: it samples the server's RSS and descriptors once a second
 and makes sure the server and the workers stay alive.
 
-The clients share no code with multiconn: frames are encoded and decoded here,
-from PROTOCOL.md, so a bug in the library's codec cannot hide itself.
+The clients share no code with multiconn: frames are encoded and decoded by
+tests/reference_codec.py, written from docs/protocol.md (tests/test_stateful.py
+uses it too), so a bug in the library's codec cannot hide itself.
 
 At the end the load stops, the parent waits (up to 10 s) for the server's
 descriptor count to come back to its baseline, measures RSS again, sends
@@ -82,9 +83,14 @@ from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # the server's process helpers from this checkout
+sys.path.insert(1, str(REPO / "tests"))  # the reference codec
 
 from multiconn.errors import ServerStartError  # noqa: E402
 from multiconn.testing import ServerProcess  # noqa: E402
+from reference_codec import ERROR_CODES, FATAL_CODES, HLEN, NO_ID, REQUIRED_KEYS, TEXT_ENCODINGS  # noqa: E402
+from reference_codec import FrameReader, Mismatch, PeerClosed, check_error_frame, encode, error_of  # noqa: E402
+from reference_codec import make_header, raw_frame, same_id  # noqa: E402
+
 HOST = "127.0.0.1"
 SERVER_ARGS = ["--app", "echo", "--log-level", "info", "--idle-timeout", "30"]
 START_DEADLINE = 15.0  # for the server's "listening" line
@@ -125,33 +131,13 @@ GARBAGE_PAUSE = (0.0, 0.01)
 RESET_PAUSE = (0.0, 0.01)
 SLOW_PIECE_SLEEP = (0.005, 0.12)
 
-TEXT_ENCODINGS = (
-    "utf-8", "utf8", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
-    "utf-32-be", "ascii", "latin-1", "iso-8859-1",
-)
-ERROR_CODES = (
-    "bad-header-length", "bad-header", "missing-header", "bad-header-value",
-    "content-too-large", "bad-content", "timeout", "handler-error",
-)
-FATAL_CODES = frozenset(ERROR_CODES) - {"bad-content", "handler-error"}
-REQUIRED_KEYS = ("byteorder", "content-type", "content-encoding", "content-length")
 KINDS = ("churn", "pipeline", "garbage", "reset", "slow")
-HLEN = struct.Struct(">H")
 LINGER_RST = struct.pack("ii", 1, 0)
 ASCII_TEXT = string.ascii_letters + string.digits + " _-.,:;!?'\"\\/{}[]\t\n"
 UNICODE_TEXT = ASCII_TEXT + "éüßñøπλЖжদ世界中文日本\u00a0\u2028\U0001f436\U0001f430\U0001f48d\U0001f3d0"
-NO_ID = object()
 
 
-# -- the protocol, written from PROTOCOL.md ----------------------------------------------
-
-
-class Mismatch(Exception):
-    """An answer arrived but is not the one the protocol prescribes."""
-
-
-class PeerClosed(Exception):
-    """The server closed the connection where it should not have."""
+# -- requests and answers ---------------------------------------------------------------
 
 
 class Request:
@@ -169,122 +155,18 @@ class Request:
         return self.header.get("id", NO_ID)
 
 
-def encode(header: dict[str, Any], content: bytes, rng: random.Random | None = None) -> bytes:
-    """A frame on the wire; with `rng`, key order, spacing and byteorder vary."""
-    full = dict(header)
-    full.setdefault("byteorder", sys.byteorder if rng is None else rng.choice(("little", "big")))
-    full.setdefault("content-length", len(content))
-    items = list(full.items())
-    separators = (", ", ": ")
-    ensure_ascii = False
-    if rng is not None:
-        rng.shuffle(items)
-        separators = rng.choice(((", ", ": "), (",", ":"), (" ,\n", " :\t")))
-        ensure_ascii = rng.random() < 0.3
-    raw = json.dumps(dict(items), separators=separators, ensure_ascii=ensure_ascii).encode("utf-8")
-    return HLEN.pack(len(raw)) + raw + content
-
-
-def raw_frame(header_bytes: bytes, content: bytes = b"") -> bytes:
-    return HLEN.pack(len(header_bytes)) + header_bytes + content
-
-
-class Reader:
-    """Reads frames from a blocking socket (with a timeout)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buf = bytearray()
-
-    def _fill(self, n: int) -> None:
-        while len(self.buf) < n:
-            data = self.sock.recv(max(65536, n - len(self.buf)))
-            if not data:
-                raise PeerClosed(f"EOF with {len(self.buf)} of {n} bytes of a frame")
-            self.buf += data
-
-    def frame(self) -> tuple[dict[str, Any], bytes]:
-        self._fill(2)
-        hlen = HLEN.unpack_from(self.buf)[0]
-        if hlen == 0:
-            raise Mismatch("server sent hlen 0")
-        self._fill(2 + hlen)
-        try:
-            header = json.loads(bytes(self.buf[2 : 2 + hlen]).decode("utf-8"))
-        except ValueError as exc:
-            raise Mismatch(f"server header is not UTF-8 JSON: {exc}") from None
-        if not isinstance(header, dict):
-            raise Mismatch(f"server header is not an object: {header!r}")
-        for key in REQUIRED_KEYS:
-            if key not in header:
-                raise Mismatch(f"server header lacks {key!r}: {header!r}")
-        length = header["content-length"]
-        if type(length) is not int or length < 0:
-            raise Mismatch(f"server content-length {length!r}")
-        if header["byteorder"] not in ("little", "big"):
-            raise Mismatch(f"server byteorder {header['byteorder']!r}")
-        end = 2 + hlen + length
-        self._fill(end)
-        content = bytes(self.buf[2 + hlen : end])
-        del self.buf[:end]
-        return header, content
-
-    def eof(self) -> None:
-        """The server must close now (it has nothing more to say)."""
-        if self.buf:
-            raise Mismatch(f"{len(self.buf)} unexpected bytes before EOF")
-        data = self.sock.recv(65536)
-        if data:
-            raise Mismatch(f"expected EOF, got {len(data)} more bytes: {data[:60]!r}")
-
-
 def check_echo(request: Request, header: dict[str, Any], content: bytes) -> None:
     """The echo app's answer: same content-type, content-encoding, content and id."""
     for key in ("content-type", "content-encoding"):
         if header.get(key) != request.header[key]:
             raise Mismatch(f"{key} {header.get(key)!r} != {request.header[key]!r}"
-                           f" (answer header {header!r}, error {error_code(header, content)})")
-    rid = request.id
+                           f" (answer header {header!r}, error {error_of(header, content)})")
     got = header.get("id", NO_ID)
-    if rid is NO_ID:
-        if got is not NO_ID:
-            raise Mismatch(f"answer has id {got!r}, request had none")
-    elif got is NO_ID or got != rid or type(got) is not type(rid):
-        raise Mismatch(f"answer id {got if got is not NO_ID else '(none)'!r} != request id {rid!r}")
+    if not same_id(request.id, got):
+        raise Mismatch(f"answer id {got!r} != request id {request.id!r}")
     if content != request.content:
         raise Mismatch(f"content differs: {len(content)} bytes {content[:40]!r}... "
                        f"!= {len(request.content)} bytes {request.content[:40]!r}...")
-
-
-def error_code(header: dict[str, Any], content: bytes) -> str | None:
-    """The code of an error frame, or None if it is not one."""
-    if header.get("content-type") != "text/json":
-        return None
-    try:
-        value = json.loads(content.decode(header.get("content-encoding", "utf-8")))
-    except (ValueError, LookupError):
-        return None
-    if not (isinstance(value, dict) and len(value) == 1 and isinstance(value.get("error"), dict)):
-        return None
-    code, message = value["error"].get("code"), value["error"].get("message")
-    return code if isinstance(code, str) and isinstance(message, str) else None
-
-
-def check_error(header: dict[str, Any], content: bytes, code: str | None, rid: Any) -> str:
-    """An error frame with `code` (None: any code) and id `rid`; returns the code."""
-    if header.get("content-type") != "text/json" or header.get("content-encoding") != "utf-8":
-        raise Mismatch(f"error frame with header {header!r} (wanted {code})")
-    got = error_code(header, content)
-    if got is None or got not in ERROR_CODES:
-        raise Mismatch(f"not an error frame (wanted {code}): {header!r} {content[:200]!r}")
-    if code is not None and got != code:
-        raise Mismatch(f"error code {got!r}, wanted {code!r}: {content[:200]!r}")
-    hid = header.get("id", NO_ID)
-    if rid is not NO_ID and (hid != rid or type(hid) is not type(rid)):
-        raise Mismatch(f"{got} error frame id {hid if hid is not NO_ID else '(none)'!r}, wanted {rid!r}")
-    if rid is NO_ID and hid is not NO_ID:
-        raise Mismatch(f"{got} error frame has id {hid!r}, wanted none")
-    return got
 
 
 # -- random requests ---------------------------------------------------------------------
@@ -379,15 +261,7 @@ def random_content(rng: random.Random, limit: int) -> tuple[str, str, bytes]:
 
 
 def good_header(rng: random.Random, length: int = 0, rid: Any = NO_ID) -> dict[str, Any]:
-    header: dict[str, Any] = {
-        "byteorder": rng.choice(("little", "big")),
-        "content-type": "binary/octet-stream",
-        "content-encoding": "binary",
-        "content-length": length,
-    }
-    if rid is not NO_ID:
-        header["id"] = rid
-    return header
+    return make_header("binary/octet-stream", "binary", length, rid, rng.choice(("little", "big")))
 
 
 def _valid_id(rng: random.Random) -> Any:
@@ -398,7 +272,7 @@ def _valid_id(rng: random.Random) -> Any:
 def malformed(rng: random.Random) -> tuple[str, bytes, str | None, Any]:
     """``(case, wire bytes, expected code or None when any/no error frame is right, id)``.
 
-    The expected code is what PROTOCOL.md section 3 prescribes; the expected id
+    The expected code is what docs/protocol.md ("Errors") prescribes; the expected id
     is the request's when its header parsed and held a valid id.
     """
     case = rng.choice((
@@ -591,7 +465,7 @@ def send_in_pieces(sock: socket.socket, data: bytes, pieces: int, rng: random.Ra
             time.sleep(rng.uniform(*sleep))
 
 
-def exchange(sock: socket.socket, reader: Reader, requests: list[Request], stats: Stats) -> None:
+def exchange(sock: socket.socket, reader: FrameReader, requests: list[Request], stats: Stats) -> None:
     """Read and check the answers to `requests` (already sent), in order."""
     for request in requests:
         header, content = reader.frame()
@@ -600,7 +474,7 @@ def exchange(sock: socket.socket, reader: Reader, requests: list[Request], stats
         stats.counts["verified"] += 1
 
 
-def finish(sock: socket.socket, reader: Reader, rng: random.Random) -> None:
+def finish(sock: socket.socket, reader: FrameReader, rng: random.Random) -> None:
     """End a connection cleanly: half the time half-close and expect the server's EOF."""
     if rng.random() < 0.5:
         sock.shutdown(socket.SHUT_WR)
@@ -614,7 +488,7 @@ def churn_thread(load: Load, stats: Stats, rng: random.Random) -> None:
             started = time.perf_counter()
             sock.connect(load.address)
             connected = time.perf_counter()
-            reader = Reader(sock)
+            reader = FrameReader(sock)
             for index, request in enumerate(requests):
                 sock.sendall(request.wire)
                 stats.counts["sent"] += 1
@@ -630,7 +504,7 @@ def pipeline_thread(load: Load, stats: Stats, rng: random.Random) -> None:
     while load.running():
         with load.connection(stats, "pipeline") as sock:
             sock.connect(load.address)
-            reader = Reader(sock)
+            reader = FrameReader(sock)
             next_id = rng.randint(0, 10**6)
             while load.running():
                 limit = rng.choice((0, 64, 512, 4096))
@@ -657,7 +531,7 @@ def garbage_thread(load: Load, stats: Stats, rng: random.Random) -> None:
     while load.running():
         with load.connection(stats, "garbage") as sock:
             sock.connect(load.address)
-            reader = Reader(sock)
+            reader = FrameReader(sock)
             before = [random_request(rng, rng.choice((0, 256, 4096))) for _ in range(rng.randint(0, 3))]
             if rng.random() < 0.25:
                 case, wire, rid = bad_content_request(rng)
@@ -685,12 +559,12 @@ def garbage_thread(load: Load, stats: Stats, rng: random.Random) -> None:
                 except PeerClosed:
                     pass
                 else:
-                    got = check_error(header, content, None, NO_ID)
+                    got, _ = check_error_frame(header, content, None, NO_ID)
                     stats.error_frames[got] += 1
                     reader.eof()
             else:
                 header, content = reader.frame()
-                got = check_error(header, content, code, rid)
+                got, _ = check_error_frame(header, content, code, rid)
                 stats.error_frames[got] += 1
                 if got in FATAL_CODES:
                     reader.eof()
@@ -718,7 +592,7 @@ def reset_thread(load: Load, stats: Stats, rng: random.Random) -> None:
                 sock.sendall(b"".join(request.wire for request in batch))
                 stats.counts["abandoned"] += len(batch)
                 if case == "pipeline half read":
-                    reader = Reader(sock)
+                    reader = FrameReader(sock)
                     read = rng.randint(0, len(batch) - 1)
                     stats.counts["sent"] += read
                     exchange(sock, reader, batch[:read], stats)
@@ -733,7 +607,7 @@ def slow_thread(load: Load, stats: Stats, rng: random.Random) -> None:
     while load.running():
         with load.connection(stats, "slow") as sock:
             sock.connect(load.address)
-            reader = Reader(sock)
+            reader = FrameReader(sock)
             for _ in range(rng.randint(1, 3)):
                 if not load.running():
                     break

@@ -17,6 +17,8 @@ import pytest
 
 from multiconn import Frame
 
+from helpers import free_port
+
 SHORT = ["--duration", "0.3", "--warmup", "0.1"]
 JSON_KEYS = {
     "mode", "connections", "size", "pipeline", "processes", "duration_s", "requests", "errors",
@@ -117,9 +119,7 @@ def test_bad_flags_exit_2(args: list[str]) -> None:
 
 
 def test_no_server_exits_1_without_traceback() -> None:
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     done = bench(*SHORT, "--port", str(port), "--json")
     assert done.returncode == 1
     assert done.stdout == ""

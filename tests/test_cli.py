@@ -26,6 +26,8 @@ from multiconn.errors import ServerStartError
 from multiconn.protocol import Frame, FrameDecoder, encode_frame, encode_frames
 from multiconn.testing import ServerProcess
 
+from helpers import free_port
+
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -51,12 +53,6 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20) 
     result.stdout = result.stdout.decode("utf-8", "replace")
     result.stderr = result.stderr.decode("utf-8", "replace")
     return result
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -304,9 +300,7 @@ def test_serve_on_a_malformed_host_name() -> None:
 
 
 def test_serve_on_a_port_in_use() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen(1)
+    with socket.create_server(("127.0.0.1", 0), backlog=1) as busy:
         port = busy.getsockname()[1]
         result = run_cli("serve", "--port", str(port), "--log-level", "info")
     assert result.returncode == 1

@@ -28,15 +28,10 @@ from multiconn import (
 )
 from multiconn.protocol import encode_frame
 
+from helpers import free_port, recv_exactly
+
 
 # -- helpers ----------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A loopback port with nothing listening on it (bound once, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PlainServer:
@@ -86,16 +81,6 @@ def plain_server(behaviour: Callable[[socket.socket, threading.Event], None]) ->
         yield server
     finally:
         server.close()
-
-
-def recv_exactly(conn: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 REQUEST = Frame.binary(b"hello", id=1)
@@ -418,9 +403,7 @@ def test_multiclient_connection_closed_by_server() -> None:
 
 
 def test_multiclient_timeout_when_server_never_answers() -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(4)
+    with socket.create_server(("127.0.0.1", 0), backlog=4) as listener:
         t0 = time.monotonic()
         with pytest.raises(Timeout):
             MultiClient(*listener.getsockname(), timeout=0.5).run([[REQUEST], [REQUEST]])

@@ -1,4 +1,4 @@
-"""Tests of the sans-IO wire protocol (PROTOCOL.md sections 1 and 3).
+"""Tests of the sans-IO wire protocol (docs/protocol.md: frames and errors).
 
 Every decoder test runs twice, like h11's tests do: once with the whole input in
 one ``feed`` and once one byte per ``feed`` (the ``mode`` fixture), so that the
@@ -30,6 +30,8 @@ from multiconn.protocol import (
     encode_frames,
 )
 
+from helpers import header_bytes, raw_frame  # hand-built wire bytes, independent of the codec under test
+
 REQUIRED = ("byteorder", "content-type", "content-encoding", "content-length")
 DECODER_CODES = {
     ErrorCode.BAD_HEADER_LENGTH,
@@ -41,21 +43,6 @@ DECODER_CODES = {
 
 
 # -- helpers ----------------------------------------------------------------
-
-
-def header_bytes(header: Any) -> bytes:
-    """A header given as bytes, str or a JSON-able object, as raw header bytes."""
-    if isinstance(header, bytes):
-        return header
-    if isinstance(header, str):
-        return header.encode("utf-8")
-    return json.dumps(header, ensure_ascii=False).encode("utf-8")
-
-
-def raw_frame(header: Any, content: bytes = b"") -> bytes:
-    """Hand-built wire bytes (independent of the encoder under test)."""
-    raw = header_bytes(header)
-    return struct.pack(">H", len(raw)) + raw + content
 
 
 def hdr(content: bytes = b"", **extra: Any) -> dict[str, Any]:

@@ -8,7 +8,8 @@ length (default 60).
 
 Both run the script as a subprocess with ``--json`` and check its verdict and
 the numbers it is based on; the script's readable summary is echoed to stderr
-(shown with ``pytest -s``).
+(shown with ``pytest -s``). The script's clients build and check frames with
+tests/reference_codec.py, as tests/test_stateful.py does.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from reference_codec import ERROR_CODES  # the soak's codec
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
 #: Beyond the load itself: server start, worker start, the wait for descriptors,
@@ -29,10 +32,7 @@ SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
 OVERHEAD = 150.0
 #: Every code a malformed frame of the soak must provoke (timeout and handler-error
 #: cannot happen against the echo app within the default frame timeout).
-DETERMINISTIC_CODES = {
-    "bad-header-length", "bad-header", "missing-header", "bad-header-value",
-    "content-too-large", "bad-content",
-}
+DETERMINISTIC_CODES = set(ERROR_CODES) - {"timeout", "handler-error"}
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID")
 

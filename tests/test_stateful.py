@@ -11,10 +11,10 @@ content-type, content-encoding and content), an error frame takes the failed
 request's place, a fatal error is the last frame before EOF, a half-close gets
 the answers to complete frames and then EOF. After every step a fresh
 connection must still get the right answer and the server thread must be
-alive (PROTOCOL.md sections 1-3).
+alive (docs/protocol.md: frames, connections, errors).
 
-The oracle is independent of the package: frames are built and read here with
-`json` and `struct`, never with `multiconn.protocol`.
+The oracle is independent of the package: frames are built and read with
+`reference_codec` (the soak's codec too), never with `multiconn.protocol`.
 
 Timing. Correctness never depends on a sleep: every expectation is read with a
 generous socket timeout. The one timer the model meets is the 2 s frame
@@ -54,47 +54,15 @@ from hypothesis.stateful import (
 from multiconn.limits import Limits
 from multiconn.testing import ServerThread
 
+from reference_codec import ANY_ID, FATAL_CODES, NO_ID, REQUIRED_KEYS, TEXT_ENCODINGS, FrameReader, PeerClosed
+from reference_codec import check_error_frame, error_of, make_header, raw_frame, same_id
+
 FRAME_TIMEOUT = 2.0
 MAX_CONTENT = 1 << 16
 LIMITS = Limits(frame_timeout=FRAME_TIMEOUT, idle_timeout=30, error_linger=0.2, max_content=MAX_CONTENT)
 #: Per blocking socket operation; a loaded 2-core machine answers in far less.
 SOCK_TIMEOUT = 5.0
 MAX_CONNS = 4
-
-HLEN = struct.Struct(">H")
-REQUIRED = ("byteorder", "content-type", "content-encoding", "content-length")
-TEXT_CODECS = (
-    "utf-8", "utf8", "utf-16", "utf-16-le", "utf-16-be", "utf-32",
-    "utf-32-le", "utf-32-be", "ascii", "latin-1", "iso-8859-1",
-)
-FATAL_CODES = frozenset({
-    "bad-header-length", "bad-header", "missing-header", "bad-header-value",
-    "content-too-large", "timeout",
-})
-
-
-class _Marker:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-#: In an expectation: the frame must have no ``id`` key / its ``id`` is not checked.
-ABSENT = _Marker("ABSENT")
-ANY = _Marker("ANY")
-
-
-def same_id(expected: Any, actual: Any) -> bool:
-    """Ids compare by JSON type too: 1, True and "1" are different ids."""
-    if expected is ANY:
-        return True
-    return type(expected) is type(actual) and expected == actual
-
-
-def frame_bytes(raw_header: bytes, content: bytes = b"") -> bytes:
-    return HLEN.pack(len(raw_header)) + raw_header + content
 
 
 def normalize_codec(name: str) -> str:
@@ -128,7 +96,7 @@ class Expect:
     """One answer a connection is owed, in order."""
 
     kind: str  # "echo" or "error"
-    id: Any = ABSENT
+    id: Any = NO_ID
     content_type: str = ""
     content_encoding: str = ""
     content: bytes = b""
@@ -185,6 +153,8 @@ class Partial:
 class Conn:
     sock: socket.socket
     number: int
+    #: Every answer is read through it (it reads ahead).
+    reader: FrameReader = field(init=False)
     expected: deque = field(default_factory=deque)
     partial: Partial | None = None
     #: When the first byte of the oldest partial frame finished on it was sent.
@@ -192,13 +162,16 @@ class Conn:
     dead: bool = False  # closed by the server after a partial frame timed out
     eof: bool = False  # the server's EOF was read
 
+    def __post_init__(self) -> None:
+        self.reader = FrameReader(self.sock)
+
     def __repr__(self) -> str:
         return f"conn{self.number}"
 
 
 # -- strategies -------------------------------------------------------------------
 
-ids = st.one_of(st.none(), st.integers(-(2**63), 2**64), st.text(max_size=16))
+ids = st.one_of(st.just(NO_ID), st.integers(-(2**63), 2**64), st.text(max_size=16))
 invalid_ids = st.sampled_from([1.5, 0.0, True, False, None, [1], {"a": 1}, []])
 json_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**30), 10**30),
@@ -209,7 +182,7 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
-codec_spellings = st.sampled_from(TEXT_CODECS).flatmap(
+codec_spellings = st.sampled_from(TEXT_ENCODINGS).flatmap(
     lambda name: st.sampled_from(sorted({name, name.upper(), name.replace("-", "_"), name.title()}))
 )
 binary_types = st.one_of(
@@ -219,7 +192,7 @@ binary_types = st.one_of(
     ]),
     st.text(min_size=1, max_size=20).filter(lambda s: s != "text/json"),
 )
-extra_keys = st.text(max_size=10).filter(lambda k: k not in REQUIRED and k != "id")
+extra_keys = st.text(max_size=10).filter(lambda k: k not in REQUIRED_KEYS and k != "id")
 
 
 @st.composite
@@ -233,16 +206,6 @@ def raw_header(draw: Any, header: dict[str, Any]) -> bytes:
         separators=draw(st.sampled_from([(",", ":"), (", ", ": ")])),
     )
     return text.encode("utf-8")
-
-
-def make_header(content_type: str, encoding: str, length: Any, request_id: Any) -> dict[str, Any]:
-    header = {
-        "byteorder": "little", "content-type": content_type,
-        "content-encoding": encoding, "content-length": length,
-    }
-    if request_id is not None:
-        header["id"] = request_id
-    return header
 
 
 @st.composite
@@ -264,8 +227,8 @@ def valid_requests(draw: Any) -> Req:
     header = make_header(content_type, encoding, len(content), request_id)
     header["byteorder"] = draw(st.sampled_from(["little", "big"]))
     raw = draw(raw_header(header))
-    expect = Expect("echo", ABSENT if request_id is None else request_id, content_type, encoding, content)
-    return Req(frame_bytes(raw, content), expect, 2 + len(raw))
+    expect = Expect("echo", request_id, content_type, encoding, content)
+    return Req(raw_frame(raw, content), expect, 2 + len(raw))
 
 
 BAD_JSON_TEXTS = [
@@ -286,8 +249,8 @@ def bad_content_requests(draw: Any) -> Req:
     ).filter(lambda c: json_parses(c, encoding) is False))
     request_id = draw(ids)
     raw = draw(raw_header(make_header("text/json", encoding, len(content), request_id)))
-    expect = Expect("error", ABSENT if request_id is None else request_id, code="bad-content")
-    return Req(frame_bytes(raw, content), expect, 2 + len(raw))
+    expect = Expect("error", request_id, code="bad-content")
+    return Req(raw_frame(raw, content), expect, 2 + len(raw))
 
 
 requests = st.one_of(valid_requests(), valid_requests(), valid_requests(), bad_content_requests())
@@ -304,13 +267,13 @@ NON_TEXT_CODECS = ["binary", "utf-7", "utf-8-sig", "latin1", "cp1252", "UTF8 ", 
 
 
 @st.composite
-def base_header(draw: Any, request_id: Any = None) -> dict[str, Any]:
+def base_header(draw: Any, request_id: Any = NO_ID) -> dict[str, Any]:
     content_type, encoding, _ = draw(request_bodies())
     return make_header(content_type, encoding, draw(st.integers(0, 100)), request_id)
 
 
 def _header_garbage(raw: bytes, trailing: bytes, code: str, request_id: Any) -> Garbage:
-    data = frame_bytes(raw, trailing)
+    data = raw_frame(raw, trailing)
     return Garbage(data, 2 + len(raw), code, request_id)
 
 
@@ -322,38 +285,37 @@ def fatal_garbage(draw: Any) -> Garbage:
     ]))
     trailing = draw(junk)
     if kind == "hlen-0":
-        return Garbage(b"\x00\x00" + trailing, 2, "bad-header-length", ABSENT)
+        return Garbage(b"\x00\x00" + trailing, 2, "bad-header-length", NO_ID)
     if kind == "not-json":  # random bytes that can't be a JSON object
         raw = draw(st.binary(min_size=1, max_size=40).filter(
             lambda b: not b.lstrip(b" \t\r\n").startswith(b"{")))
-        return _header_garbage(raw, trailing, "bad-header", ABSENT)
+        return _header_garbage(raw, trailing, "bad-header", NO_ID)
     if kind == "not-object":
         value = draw(json_values.filter(lambda v: not isinstance(v, dict)))
-        return _header_garbage(json.dumps(value).encode(), trailing, "bad-header", ABSENT)
+        return _header_garbage(json.dumps(value).encode(), trailing, "bad-header", NO_ID)
     good = draw(raw_header(draw(base_header(draw(ids)))))
     if kind == "truncated":
         raw = good[: draw(st.integers(1, len(good) - 1))]
-        return _header_garbage(raw, trailing, "bad-header", ABSENT)
+        return _header_garbage(raw, trailing, "bad-header", NO_ID)
     if kind == "bom":
-        return _header_garbage(b"\xef\xbb\xbf" + good, trailing, "bad-header", ABSENT)
+        return _header_garbage(b"\xef\xbb\xbf" + good, trailing, "bad-header", NO_ID)
     if kind == "bad-utf8":
         raw = b'{"x-bad": "' + draw(st.sampled_from(INVALID_UTF8)) + b'", ' + good[1:]
-        return _header_garbage(raw, trailing, "bad-header", ABSENT)
+        return _header_garbage(raw, trailing, "bad-header", NO_ID)
     if kind == "duplicate":
-        key = draw(st.sampled_from(REQUIRED))
+        key = draw(st.sampled_from(REQUIRED_KEYS))
         value = json.loads(good)[key]
         again = json.dumps({key: draw(st.sampled_from([value, "big", 7]))})
         raw = good[:-1] + b", " + again[1:].encode()
         # Whether the id of a header that did not parse is echoed: not checked.
-        return _header_garbage(raw, trailing, "bad-header", ANY)
-    request_id = draw(ids)
-    expected_id = ABSENT if request_id is None else request_id
+        return _header_garbage(raw, trailing, "bad-header", ANY_ID)
+    expected_id = request_id = draw(ids)
     header = draw(base_header(request_id))
     if kind == "missing":
-        del header[draw(st.sampled_from(REQUIRED))]
+        del header[draw(st.sampled_from(REQUIRED_KEYS))]
         code = "missing-header"
     elif kind == "bad-value":
-        key = draw(st.sampled_from(REQUIRED))
+        key = draw(st.sampled_from(REQUIRED_KEYS))
         header[key] = draw(st.sampled_from(BAD_VALUES[key]))
         code = "bad-header-value"
     elif kind == "bad-codec":
@@ -362,7 +324,7 @@ def fatal_garbage(draw: Any) -> Garbage:
         code = "bad-header-value"
     elif kind == "bad-id":
         header["id"] = draw(invalid_ids)
-        code, expected_id = "bad-header-value", ABSENT
+        code, expected_id = "bad-header-value", NO_ID
     else:  # too-large: the content is never read, so none need follow
         header["content-length"] = draw(st.integers(MAX_CONTENT + 1, 2**53))
         code = "content-too-large"
@@ -372,69 +334,31 @@ def fatal_garbage(draw: Any) -> Garbage:
 # -- reading answers ------------------------------------------------------------------
 
 
-class ServerClosed(Exception):
-    """A clean EOF where a frame was expected."""
-
-
-def recv_exact(sock: socket.socket, size: int, what: str) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        try:
-            chunk = sock.recv(size - len(buf))
-        except socket.timeout:
-            raise AssertionError(f"no {what} within {SOCK_TIMEOUT} s ({len(buf)} of {size} bytes)") from None
-        if not chunk:
-            if not buf and what == "frame":
-                raise ServerClosed()
-            raise AssertionError(f"EOF inside a response {what} ({len(buf)} of {size} bytes)")
-        buf += chunk
-    return bytes(buf)
-
-
-def read_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
-    """One response frame, checked against PROTOCOL.md section 1."""
-    (hlen,) = HLEN.unpack(recv_exact(sock, 2, "frame"))
-    assert hlen > 0, "response with hlen 0"
-    raw = recv_exact(sock, hlen, "header")
-    header = json.loads(raw.decode("utf-8"))
-    assert isinstance(header, dict), raw
-    assert header.get("byteorder") in ("little", "big"), header
-    for key in ("content-type", "content-encoding"):
-        assert isinstance(header.get(key), str) and header[key], header
-    length = header.get("content-length")
-    assert type(length) is int and length >= 0, header
-    return header, recv_exact(sock, length, "content")
-
-
-def error_of(header: dict[str, Any], content: bytes) -> tuple[str, str] | None:
-    """(code, message) of an error frame, checking its shape; None for other frames."""
-    if header["content-type"] != "text/json":
-        return None
+def read_frame(reader: FrameReader, what: str) -> tuple[dict[str, Any], bytes] | None:
+    """The next answer, checked against docs/protocol.md ("Frames"); None for an
+    EOF between frames. `what` names the connection in messages."""
     try:
-        body = json.loads(content.decode("utf-8"))
-    except ValueError:
+        return reader.frame()
+    except socket.timeout:
+        raise AssertionError(f"{what}: no complete answer within {SOCK_TIMEOUT} s") from None
+    except PeerClosed as exc:
+        if exc.partial:
+            raise AssertionError(f"{what}: EOF inside an answer ({exc})") from None
         return None
-    if not (isinstance(body, dict) and set(body) == {"error"}):
-        return None
-    assert header["content-encoding"] == "utf-8", header
-    error = body["error"]
-    assert isinstance(error, dict), body
-    assert isinstance(error.get("code"), str) and isinstance(error.get("message"), str), body
-    return error["code"], error["message"]
 
 
 def check_answer(conn: Conn, expect: Expect, header: dict[str, Any], content: bytes) -> None:
-    got_id = header.get("id", ABSENT)
     where = f"{conn}: expected {expect!r}, got {header!r} {content[:100]!r}"
-    if expect.kind == "echo":
-        assert header["content-type"] == expect.content_type, where
-        assert header["content-encoding"] == expect.content_encoding, where
-        assert content == expect.content, where
-    else:
-        error = error_of(header, content)
-        assert error is not None, where
-        assert error[0] == expect.code, where
-    assert same_id(expect.id, got_id), where
+    if expect.kind == "error":
+        try:
+            check_error_frame(header, content, expect.code, expect.id)
+        except AssertionError as exc:
+            raise AssertionError(f"{where}: {exc}") from None
+        return
+    assert header["content-type"] == expect.content_type, where
+    assert header["content-encoding"] == expect.content_encoding, where
+    assert content == expect.content, where
+    assert same_id(expect.id, header.get("id", NO_ID)), where
 
 
 def send_in_chunks(sock: socket.socket, data: bytes, cuts: list[int]) -> None:
@@ -524,7 +448,7 @@ class EchoServerMachine(RuleBasedStateMachine):
             return False
         elapsed = time.monotonic() - since
         assert elapsed >= FRAME_TIMEOUT, f"{conn}: timeout error only {elapsed:.3f} s after the frame's first byte"
-        got_id = header.get("id", ABSENT)
+        got_id = header.get("id", NO_ID)
         assert any(same_id(i, got_id) for i in ids), f"{conn}: timeout error with id {got_id!r}, expected one of {ids}"
         # Bytes we sent after the server closed may earn a reset instead of EOF.
         self._expect_eof(conn, reset_ok=True)
@@ -539,10 +463,10 @@ class EchoServerMachine(RuleBasedStateMachine):
             if conn.dead:
                 continue
             conn.sock.settimeout(SOCK_TIMEOUT)
-            try:
-                header, content = read_frame(conn.sock)
-            except ServerClosed:
-                raise AssertionError(f"{conn}: EOF, still owed {expect!r} and {len(conn.expected)} more") from None
+            answer = read_frame(conn.reader, str(conn))
+            if answer is None:
+                raise AssertionError(f"{conn}: EOF, still owed {expect!r} and {len(conn.expected)} more")
+            header, content = answer
             if expect.partial_since is not None and self._timed_out(
                     conn, header, content, expect.partial_since, expect.partial_ids):
                 continue
@@ -554,14 +478,14 @@ class EchoServerMachine(RuleBasedStateMachine):
     def _expect_eof(self, conn: Conn, reset_ok: bool = False) -> None:
         conn.sock.settimeout(SOCK_TIMEOUT)
         try:
-            data = conn.sock.recv(65536)
+            conn.reader.eof()
         except socket.timeout:
             raise AssertionError(f"{conn}: the server did not close within {SOCK_TIMEOUT} s") from None
         except ConnectionResetError:
             if not reset_ok:
                 raise AssertionError(f"{conn}: reset instead of EOF (an answer may have been destroyed)") from None
-            data = b""
-        assert data == b"", f"{conn}: unexpected bytes instead of EOF: {data[:200]!r}"
+        except AssertionError as exc:
+            raise AssertionError(f"{conn}: {exc}") from None
         conn.eof = True
 
     def _finish(self, conn: Conn) -> None:
@@ -570,11 +494,11 @@ class EchoServerMachine(RuleBasedStateMachine):
         if not (conn.dead or conn.eof):
             partial = conn.partial
             conn.sock.settimeout(SOCK_TIMEOUT)
-            try:
-                header, content = read_frame(conn.sock)
-            except ServerClosed:
+            answer = read_frame(conn.reader, str(conn))
+            if answer is None:
                 conn.eof = True
             else:
+                header, content = answer
                 assert partial is not None and self._timed_out(
                     conn, header, content, partial.since, partial.ids), \
                     f"{conn}: unexpected frame before EOF: {header!r} {content[:100]!r}"
@@ -616,7 +540,7 @@ class EchoServerMachine(RuleBasedStateMachine):
         since = time.monotonic()
         self._send(conn, req.data[:size], cuts)
         # A timeout error carries the id only once the server had the whole header.
-        ids = (req.expect.id,) if size >= req.header_end else (ABSENT, req.expect.id)
+        ids = (req.expect.id,) if size >= req.header_end else (NO_ID, req.expect.id)
         conn.partial = Partial(req.data[size:], since, ids, replace(req.expect))
 
     @precondition(lambda self: any(c.partial for c in self.live))
@@ -679,11 +603,13 @@ class EchoServerMachine(RuleBasedStateMachine):
         assert self.server._thread.is_alive(), "server thread died"
         self.probes += 1
         content = f"probe {self.probes}".encode()
-        request = frame_bytes(json.dumps(make_header("binary/probe", "binary", len(content), self.probes)).encode(),
+        request = raw_frame(json.dumps(make_header("binary/probe", "binary", len(content), self.probes)).encode(),
                               content)
         with socket.create_connection(self.server.address, timeout=SOCK_TIMEOUT) as sock:
             sock.sendall(request)
-            header, answer = read_frame(sock)
+            frame = read_frame(FrameReader(sock), f"probe {self.probes}")
+        assert frame is not None, f"probe {self.probes}: EOF instead of the answer"
+        header, answer = frame
         assert (header.get("id"), header["content-type"], answer) == (self.probes, "binary/probe", content)
 
     def teardown(self) -> None:
@@ -740,7 +666,7 @@ def test_half_close_after_fatal_error_gets_queued_answers(start_server: Any) -> 
     sock = socket.create_connection(server.address, timeout=SOCK_TIMEOUT)
     contents = [bytes([i]) * (4 * MiB) for i in range(4)]
     payload = b"".join(
-        frame_bytes(json.dumps(make_header("binary/x", "binary", len(c), i)).encode(), c)
+        raw_frame(json.dumps(make_header("binary/x", "binary", len(c), i)).encode(), c)
         for i, c in enumerate(contents)
     ) + b"\x00\x00"
 
@@ -755,13 +681,14 @@ def test_half_close_after_fatal_error_gets_queued_answers(start_server: Any) -> 
         while server.server.connections and time.monotonic() < deadline:
             time.sleep(0.01)
         sock.settimeout(10.0)
+        reader = FrameReader(sock)
         for i, content in enumerate(contents):
-            header, answer = read_frame(sock)
+            header, answer = reader.frame()
             assert (header.get("id"), len(answer)) == (i, len(content))
             assert answer == content
-        header, answer = read_frame(sock)
-        assert error_of(header, answer) is not None and error_of(header, answer)[0] == "bad-header-length"
-        assert sock.recv(1) == b""
+        header, answer = reader.frame()
+        check_error_frame(header, answer, "bad-header-length")
+        reader.eof()
     finally:
         sender.join(10)
         sock.close()

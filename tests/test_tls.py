@@ -16,6 +16,8 @@ import multiconn
 from multiconn import CertificateVerificationError, Frame, Limits, TLSError
 from multiconn.testing import ServerThread
 
+from helpers import recv_exactly
+
 
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
@@ -70,9 +72,7 @@ def test_raw_echo_over_tls(start_server, server_context, client_context) -> None
     with socket.create_connection(server.address, timeout=5) as plain:
         with client_context.wrap_socket(plain, server_hostname="localhost") as sock:
             sock.sendall(b"x" * 100_000)
-            received = b""
-            while len(received) < 100_000:
-                received += sock.recv(65536)
+            received = recv_exactly(sock, 100_000)
     assert received == b"x" * 100_000
 
 
@@ -86,10 +86,7 @@ def test_raw_echo_over_tls_small_messages_then_a_larger_one(start_server, server
         with client_context.wrap_socket(plain, server_hostname="localhost") as sock:
             for message in [b"%064d" % number for number in range(20)] + [os.urandom(5000)]:
                 sock.sendall(message)
-                received = b""
-                while len(received) < len(message):
-                    received += sock.recv(65536)
-                assert received == message
+                assert recv_exactly(sock, len(message)) == message
 
 
 def test_unknown_ca_raises_certificate_verification_error(start_server, server_context, client_context) -> None:
