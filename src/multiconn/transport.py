@@ -525,15 +525,17 @@ class Transport:
             _consume(out, sent)
             if sent < attempted:
                 break  # the kernel's buffer is full: wait for EVENT_WRITE
+        # Resume first, then settle the interest: one modify for both (resuming
+        # after the output is settled would unregister, then register again).
+        if self._paused and self._out_size <= self.limits.low_water:
+            if self._paused & PAUSE_HELD and self.state is OPEN:
+                self.loop.call_soon(self.session.resume_writing)
+            self.resume_reading(PAUSE_OUTPUT)
         if self._out:
             self._update_interest()
         else:
             self._out = None
             self._on_output_flushed()
-        if self._paused and self._out_size <= self.limits.low_water and self.state is not CLOSED:
-            if self._paused & PAUSE_HELD and self.state is OPEN:
-                self.loop.call_soon(self.session.resume_writing)
-            self.resume_reading(PAUSE_OUTPUT)
 
     def _on_output_flushed(self) -> None:
         if self.state is FINISHING:
