@@ -20,7 +20,6 @@ import time
 from typing import Any, Awaitable, Callable
 
 import pytest
-import trustme
 
 from multiconn import (
     CertificateVerificationError,
@@ -350,25 +349,6 @@ async def test_request_many_cancelled_midway(start_server: Any) -> None:
 
 
 # -- TLS ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
-def server_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
-    return context
-
-
-@pytest.fixture(scope="module")
-def client_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
 
 
 async def test_tls(start_server: Any, server_context: ssl.SSLContext, client_context: ssl.SSLContext) -> None:
