@@ -62,7 +62,7 @@ import os
 import socket
 import ssl as _ssl
 from collections import deque
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 from .client import DEFAULT_TIMEOUT, raise_for_error
 from .errors import (
@@ -105,7 +105,8 @@ class _Protocol(asyncio.Protocol):
         self.client = client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.client._transport = transport  # type: ignore[assignment]
+        # A stream connection's transport is always an asyncio.Transport.
+        self.client._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.client._data_received(data)
@@ -506,5 +507,5 @@ async def connect(host: str = "127.0.0.1", port: int = 65432, *,
             raise
         if tls_transport is None:  # the peer closed during the handshake
             raise TLSError(f"TLS handshake with {where} failed: connection closed")
-        client._transport = tls_transport  # type: ignore[assignment]
+        client._transport = tls_transport
     return client

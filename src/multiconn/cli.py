@@ -12,7 +12,7 @@ import json
 import logging
 import ssl
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 from . import __version__
 from .apps import load_app
@@ -282,6 +282,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args, parser)
+        return cast(int, args.run(args, parser))
     except KeyboardInterrupt:
         return 130

@@ -20,7 +20,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, NoReturn, Sequence
+from typing import Iterable, NoReturn, Sequence, cast
 
 from .errors import (
     WOULD_BLOCK,
@@ -166,7 +166,7 @@ class Client:
                 self._eof = True
                 self._closed_early(None)
             self._received.extend(self._decoder.feed(data))
-            if not (self._tls and sock.pending()):
+            if not (self._tls and cast(ssl.SSLSocket, sock).pending()):
                 return True
 
     def _closed_early(self, exc: OSError | None) -> NoReturn:

@@ -49,7 +49,7 @@ class TimerHandle:
     __slots__ = ("when", "callback", "args", "cancelled", "_seq")
     _counter = itertools.count()
 
-    def __init__(self, when: float, callback: Callable[..., Any], args: tuple) -> None:
+    def __init__(self, when: float, callback: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.when = when
         self.callback = callback
         self.args = args
@@ -74,7 +74,7 @@ class EventLoop:
         self.now = clock()
         self._poller: Poller = default_poller() if selector is None else SelectorPoller(selector)
         self._timers: list[TimerHandle] = []
-        self._ready: deque[tuple[Callable[..., Any], tuple]] = deque()
+        self._ready: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
         self._wake_send.setblocking(False)

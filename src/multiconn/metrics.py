@@ -25,11 +25,13 @@ import socket
 import struct
 import time
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, cast
 
 from .protocol import Frame
 
 if TYPE_CHECKING:
+    from .process_pool import ProcessPoolResponder
+    from .responders import PooledResponder, ThreadPoolResponder
     from .server import Server
 
 #: Request duration buckets (seconds): log-spaced, 50 µs to 10 s.
@@ -173,9 +175,9 @@ class ServerMetrics:
         lines.append("# HELP multiconn_request_duration_seconds Time from a request's arrival to its answer.")
         lines.append("# TYPE multiconn_request_duration_seconds histogram")
         lines.extend(self.duration.samples("multiconn_request_duration_seconds"))
-        responder = server.responder
-        kind = getattr(responder, "kind", "inline")
+        kind = getattr(server.responder, "kind", "inline")
         if kind != "inline":
+            responder = cast("PooledResponder", server.responder)
             capacity = getattr(responder, "capacity", 0)
             running = min(responder.outstanding, capacity) if capacity else responder.outstanding
             pool = f'pool="{kind}"'
@@ -189,10 +191,10 @@ class ServerMetrics:
             if kind == "thread":
                 add("multiconn_pool_threads_abandoned_total", "counter",
                     "Pool threads given up after running past the handler timeout.",
-                    [(pool, responder.abandoned)])
+                    [(pool, cast("ThreadPoolResponder", responder).abandoned)])
             if kind == "process":
                 add("multiconn_pool_worker_restarts_total", "counter", "Pool worker processes restarted.",
-                    [(pool, responder.restarts)])
+                    [(pool, cast("ProcessPoolResponder", responder).restarts)])
         add("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.",
             [("", self.started)])
         return "\n".join(lines) + "\n"

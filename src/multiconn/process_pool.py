@@ -42,7 +42,7 @@ import signal
 import time
 from collections import deque
 from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import AppLoadError
 from .loop import EVENT_READ
@@ -176,7 +176,8 @@ class ProcessPoolResponder(PooledResponder):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise AppLoadError(f"the process pool's workers did not start within {START_TIMEOUT:g} s")
-                for conn in wait(list(pending), remaining):
+                # wait() returns some of the objects it was given: here, pipes.
+                for conn in cast("list[Connection]", wait(list(pending), remaining)):
                     worker = pending.pop(conn)
                     message = self._receive(worker)
                     if message is None:

@@ -32,9 +32,12 @@ from __future__ import annotations
 import json
 import struct
 import sys
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, cast
 
 from .errors import ProtocolError
+
+if TYPE_CHECKING:
+    from .connection_info import ConnectionInfo
 
 __all__ = [
     "ErrorCode",
@@ -111,7 +114,12 @@ class Frame:
 
     __slots__ = ("header", "content", "_json", "connection")
 
-    def __init__(self, header: dict[str, Any], content: bytes = b"") -> None:
+    #: Set by the session, only for applications that ask for it (unset
+    #: otherwise); None when its transport knows no connection (a bare
+    #: `multiconn.testing.MemoryTransport`).
+    connection: ConnectionInfo | None
+
+    def __init__(self, header: dict[str, Any], content: bytes | bytearray = b"") -> None:
         self.header = header
         self.content = content
         self._json = _NO_JSON
@@ -149,11 +157,11 @@ class Frame:
 
     @property
     def content_type(self) -> str:
-        return self.header.get("content-type", "")
+        return cast(str, self.header.get("content-type", ""))
 
     @property
     def content_encoding(self) -> str:
-        return self.header.get("content-encoding", "")
+        return cast(str, self.header.get("content-encoding", ""))
 
     @property
     def id(self) -> Any:
@@ -206,7 +214,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _parse_json_content(content: bytes, encoding: str, request_id: Any) -> Any:
+def _parse_json_content(content: bytes | bytearray, encoding: str, request_id: Any) -> Any:
     try:
         text = bytes(content).decode(normalize_encoding(encoding))
         return json.loads(text, parse_constant=_reject_constant)
@@ -219,7 +227,7 @@ def _parse_json_content(content: bytes, encoding: str, request_id: Any) -> Any:
 # -- decoding -------------------------------------------------------------
 
 
-class _HeaderObject(dict):
+class _HeaderObject(dict[str, Any]):
     """A JSON object that remembers whether a required key appeared twice."""
 
     duplicate: str | None = None
@@ -256,7 +264,8 @@ def parse_header(raw: bytes) -> tuple[dict[str, Any], int, Any]:
         obj = json.loads(text, object_pairs_hook=_object_pairs, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         raise _fail(ErrorCode.BAD_HEADER, "header is not valid JSON") from None
-    if not isinstance(obj, dict):
+    # object_pairs_hook makes every JSON object a _HeaderObject.
+    if not isinstance(obj, _HeaderObject):
         raise _fail(ErrorCode.BAD_HEADER, "header is not a JSON object")
     if obj.duplicate is not None:
         raise _fail(ErrorCode.BAD_HEADER, f"header key {obj.duplicate!r} appears twice")
@@ -375,7 +384,7 @@ class FrameDecoder:
         """Bytes held for an unfinished frame."""
         return len(self._buffer) + self._filled
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
         """Add received bytes; return every frame they complete, in order.
 
         On malformed input raises `ProtocolError`; its ``frames`` attribute holds
@@ -495,7 +504,7 @@ def encode_header(header: dict[str, Any], content_length: int) -> bytes:
         key, prefix = None, None
     if prefix is not None:
         return prefix
-    full = {"byteorder": _BYTEORDER}
+    full: dict[str, Any] = {"byteorder": _BYTEORDER}
     full.update(header)
     full["byteorder"] = _BYTEORDER
     full["content-length"] = content_length
@@ -518,7 +527,7 @@ def encode_frame(frame: Frame) -> bytes:
 
 def encode_frames(frames: Iterable[Frame]) -> bytes:
     """The bytes of several frames, ready for one ``send``."""
-    parts = []
+    parts: list[bytes | bytearray] = []
     for frame in frames:
         parts.append(encode_header(frame.header, len(frame.content)))
         parts.append(frame.content)

@@ -116,7 +116,7 @@ class ProxyHeaderParser:
         if self._version == 1:
             return max(1, V1_MAX_LENGTH - len(self._buffer))
         if self._version == 2 and len(self._buffer) >= V2_HEADER.size:
-            length = V2_HEADER.unpack_from(self._buffer)[3]
+            length: int = V2_HEADER.unpack_from(self._buffer)[3]
             return max(1, V2_HEADER.size + length - len(self._buffer))
         return max(1, V2_HEADER.size - len(self._buffer))
 
@@ -175,7 +175,7 @@ class ProxyHeaderParser:
         if len(buffer) < V2_HEADER.size:
             return len(buffer) - start
         _, version_command, family_transport, length = V2_HEADER.unpack_from(buffer)
-        total = V2_HEADER.size + length
+        total: int = V2_HEADER.size + length
         consumed = min(len(buffer), total) - start
         del buffer[total:]
         if len(buffer) < total:

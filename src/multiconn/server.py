@@ -27,7 +27,7 @@ import resource
 import signal
 import socket
 import ssl
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union, cast
 
 from .apps import App, RawEcho, load_app
 from .limits import Limits
@@ -91,7 +91,7 @@ def raise_nofile_limit() -> int:
     return soft
 
 
-def format_address(address: tuple) -> str:
+def format_address(address: tuple[Any, ...]) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -132,8 +132,9 @@ class Server:
         proxy_trusted: str | Sequence[str] = DEFAULT_TRUSTED,
     ) -> None:
         self.app = load_app(app) if isinstance(app, str) else app
-        with_connection = not isinstance(self.app, RawEcho) and wants_connection(self.app)
-        if with_connection:
+        with_connection = False
+        if not isinstance(self.app, RawEcho) and wants_connection(self.app):
+            with_connection = True
             self.app = WithConnection(self.app)
         self.host = host
         self.port = port
@@ -473,7 +474,8 @@ def make_responder(app: Any, handler_pool: str, pool_size: int | None, limits: L
     if isinstance(app, RawEcho):
         if handler_pool != "inline":
             raise ValueError("raw-echo has no handler to pool")
-        return InlineResponder(app, status)  # never called: raw echo answers bytes, not frames
+        # Never called: raw echo answers bytes, not frames.
+        return InlineResponder(cast(App, app), status)
     pooled = dict(handler_timeout=limits.handler_timeout, max_queued=limits.max_queued)
     if is_async_app(app):
         if handler_pool != "inline":

@@ -47,7 +47,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, cast
 
 from .errors import LocalProtocolError, ProtocolError
 from .limits import Limits
@@ -56,7 +56,8 @@ from .responders import health_answer
 from .transport import PAUSE_ENDED, PAUSE_HELD, PAUSE_IN_FLIGHT
 
 if TYPE_CHECKING:
-    from .responders import Responder
+    from .connection_info import ConnectionInfo
+    from .responders import PooledResponder, Responder
 
 log = logging.getLogger("multiconn.connection")
 
@@ -97,9 +98,11 @@ class SessionTransport(Protocol):
     """What a session asks of its transport (a socket's, or one in memory)."""
 
     def write(self, data: bytes) -> None: ...
-    def write_many(self, parts: list[bytes]) -> None: ...
+    def write_many(self, parts: Sequence[bytes | bytearray]) -> None: ...
     @property
     def pending_output(self) -> int: ...
+    @property
+    def connection_info(self) -> ConnectionInfo | None: ...
     def want_buffer(self) -> None: ...
     def pause_reading(self, reason: int) -> None: ...
     def resume_reading(self, reason: int) -> None: ...
@@ -237,7 +240,7 @@ class FramedSession:
             else:
                 transport.write_many([prefix, content])
             return
-        parts = []
+        parts: list[bytes | bytearray] = []
         size = 0
         budget = self.context.limits.high_water - transport.pending_output
         last = len(frames) - 1
@@ -301,12 +304,6 @@ class FramedSession:
         """The transport closed (the peer reset, the server aborted): drop the work."""
         self._transition(TRANSPORT_CLOSED)
         self._held = None
-        jobs = self._jobs
-        if jobs:
-            self._jobs = None
-            cancel = self.context.responder.cancel
-            for job in jobs:
-                cancel(job)
 
     # -- timeouts ---------------------------------------------------------
 
@@ -367,6 +364,16 @@ class PooledFramedSession(FramedSession):
         super().__init__(transport, context)
         self._jobs = None
 
+    def connection_lost(self) -> None:
+        """The transport closed: its jobs are cancelled (those not started never run)."""
+        super().connection_lost()
+        jobs = self._jobs
+        if jobs:
+            self._jobs = None
+            cancel = self.context.responder.cancel
+            for job in jobs:
+                cancel(job)
+
     def _answer(self, frames: list[Frame]) -> None:
         held = self._held
         if held is None:
@@ -381,7 +388,8 @@ class PooledFramedSession(FramedSession):
         if jobs is None:
             jobs = self._jobs = deque()
         limit = self.context.limits.max_in_flight
-        responder = self.context.responder
+        # A pooled session is only ever given a pool (see `Server`).
+        responder = cast("PooledResponder", self.context.responder)
         submit = responder.submit
         status = self.context.status
         while held and len(jobs) < limit:
@@ -407,10 +415,11 @@ class PooledFramedSession(FramedSession):
         jobs = self._jobs
         if self.state is CLOSED or not jobs or jobs[0].response is None:
             return
-        parts = []
+        parts: list[bytes | bytearray] = []
         size = 0
         while jobs and jobs[0].response is not None:
             response = jobs.popleft().response
+            assert response is not None  # checked by the loop's condition
             content = response.content
             prefix = encode_header(response.header, len(content))
             parts.append(prefix)

@@ -12,7 +12,7 @@ and `ManualClock` drive a session in memory, with no socket at all.
 from __future__ import annotations
 
 import threading
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
 from .apps import App, RawEcho, load_app
 from .client import Client, connect
@@ -171,7 +171,7 @@ class MemoryTransport:
     def write(self, data: bytes) -> None:
         self.output += data
 
-    def write_many(self, parts: list[bytes]) -> None:
+    def write_many(self, parts: Sequence[bytes | bytearray]) -> None:
         for part in parts:
             self.output += part
 

@@ -394,10 +394,12 @@ class Transport:
             self._update_interest()
         elif self.state is not CLOSED and data:
             self._queue(data)
-            if len(self._out) == 1:
+            out = self._out
+            assert out is not None  # _queue created it
+            if len(out) == 1:
                 self._flush()
 
-    def write_many(self, parts: list[bytes]) -> None:
+    def write_many(self, parts: Sequence[bytes | bytearray]) -> None:
         """Queue several buffers (large contents: no join copy) and send."""
         if self.state is CLOSED:
             return
@@ -491,7 +493,7 @@ class Transport:
 
     # -- output -----------------------------------------------------------
 
-    def _queue(self, data: bytes | memoryview) -> None:
+    def _queue(self, data: bytes | bytearray | memoryview) -> None:
         out = self._out
         if not out:
             if out is None:
@@ -612,7 +614,7 @@ class Transport:
         if _OUTQ is None:
             return False
         try:
-            unsent = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+            unsent: int = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
         except OSError:
             return False
         before, self._kernel_unsent = self._kernel_unsent, unsent
@@ -698,7 +700,7 @@ class Transport:
         return f"<connection {format_peer(self.client)} {self.state}>"
 
 
-def _consume(out: deque, sent: int) -> None:
+def _consume(out: deque[Any], sent: int) -> None:
     """Drop `sent` bytes from the front of the output queue, without copying."""
     while sent:
         head = out[0]
@@ -710,7 +712,7 @@ def _consume(out: deque, sent: int) -> None:
         sent -= size
 
 
-def _first(items: deque, count: int) -> Any:
+def _first(items: deque[Any], count: int) -> Any:
     if len(items) <= count:
         return items
     return (items[i] for i in range(count))

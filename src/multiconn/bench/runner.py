@@ -24,7 +24,7 @@ import time
 from array import array
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.connection import wait as wait_pipes
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 from ..errors import ServerStartError
 from ..protocol import DEFAULT_MAX_CONTENT
@@ -56,7 +56,7 @@ def start_embedded_server(host: str, app: str, max_content: int) -> ServerProces
         raise BenchError(str(exc)) from None
 
 
-def _resolve(host: str, port: int) -> tuple[int, tuple]:
+def _resolve(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
@@ -97,6 +97,7 @@ def run(options: BenchOptions, *, progress: TextIO | None = None) -> BenchResult
             app = "echo" if options.mode == "framed" else "raw-echo"
             server = start_embedded_server(options.host, app, max(DEFAULT_MAX_CONTENT, options.size))
             port = server.port
+            assert port is not None  # start() returns once the server reported it
         return _run_workers(options, port, server, processes, progress)
     finally:
         try:
@@ -140,7 +141,8 @@ def _run_workers(options: BenchOptions, port: int, server: ServerProcess | None,
     waiting = dict(channels)
     deadline = time.monotonic() + options.timeout + WORKER_START_GRACE
     while waiting:
-        ready = wait_pipes(list(waiting), timeout=max(0.0, deadline - time.monotonic()))
+        # wait() returns some of the objects it was given: here, pipes.
+        ready = cast("list[Pipe]", wait_pipes(list(waiting), timeout=max(0.0, deadline - time.monotonic())))
         if not ready:
             raise BenchError(f"{len(waiting)} worker processes did not get ready in time")
         for channel in ready:
@@ -175,7 +177,7 @@ def _run_workers(options: BenchOptions, port: int, server: ServerProcess | None,
             progress.update(now)
             wake = min(hard_deadline, progress.next if progress_stream is not None else hard_deadline,
                        t_measure if now < t_measure else t_end if now < t_end else hard_deadline)
-            for channel in wait_pipes(list(waiting), timeout=max(0.0, wake - now)):
+            for channel in cast("list[Pipe]", wait_pipes(list(waiting), timeout=max(0.0, wake - now))):
                 slot = waiting.pop(channel)
                 reports[slot] = _receive(channel)
     finally:
@@ -217,6 +219,6 @@ def _run_workers(options: BenchOptions, port: int, server: ServerProcess | None,
 def _receive(channel: Pipe) -> tuple[str, Any]:
     """One message from a worker; a dead worker reads as ("crashed", why)."""
     try:
-        return channel.recv()
+        return cast("tuple[str, Any]", channel.recv())
     except (EOFError, OSError):
         return "crashed", "it exited without a word"

@@ -83,7 +83,7 @@ class WorkerPlan:
     first_connection: int
     connections: int
     family: int
-    address: tuple
+    address: tuple[Any, ...]
     target: str  # host:port, for messages
     mode: str
     size: int
@@ -328,6 +328,7 @@ class _Worker:
     def _flush(self, conn: _Conn) -> None:
         """Send the connection's unsent requests: one slice of the ring per send."""
         sock = conn.sock
+        assert sock is not None  # only open connections are flushed
         length = self.request_len
         while conn.unsent:
             first = conn.sidx
