@@ -25,6 +25,7 @@ from .proxy_stage import DEFAULT_TRUSTED
 from .protocol import DEFAULT_MAX_CONTENT, Frame
 from .responders import ASYNC_LOOPS, DEFAULT_THREAD_POOL_SIZE, POOL_KINDS
 from .server import Server
+from .supervisor import run_supervisor, worker_count, worker_role
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 65432
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"on shutdown, abort what is not done after this long (default {_DEFAULTS.drain_timeout:g})")
     serve.add_argument("--handler-timeout", type=positive_float, default=_DEFAULTS.handler_timeout, metavar="SECONDS",
                        help=f"interrupt a handler call that runs longer, answering handler-error (default {_DEFAULTS.handler_timeout:g})")
+    serve.add_argument("--workers", type=worker_count, default=1, metavar="N|auto",
+                       help="worker processes, each with its own event loop, under a supervisor that restarts "
+                            "them and reloads them on SIGHUP; auto: one per CPU (default 1: one process, no supervisor)")
     serve.add_argument("--handler-pool", choices=POOL_KINDS, default="inline",
                        help="where handlers run: inline in the event loop (default; fastest for handlers that "
                             "neither wait nor compute), thread (blocking I/O), process (CPU-bound work). "
@@ -170,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.workers > 1:
+        return run_supervisor(args, parser)
+    worker = worker_role()  # what a supervisor handed this process, if one started it
     try:
         app = load_app(args.app)
     except AppLoadError as exc:
@@ -194,7 +201,8 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         server = Server(app, args.host, args.port, limits=limits, ssl_context=ssl_context,
                         handler_pool=args.handler_pool, pool_size=args.pool_size, async_loop=args.async_loop,
                         log_level=logging.getLogger().level, metrics_address=args.metrics,
-                        proxy_protocol=args.proxy_protocol, proxy_trusted=args.proxy_trusted)
+                        proxy_protocol=args.proxy_protocol, proxy_trusted=args.proxy_trusted,
+                        listeners=worker.listen())
     except (ValueError, AppLoadError) as exc:
         parser.error(str(exc))
     try:
@@ -207,6 +215,7 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         reason = getattr(exc, "strerror", None) or "invalid host name"
         print(f"multiconn serve: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
         return 1
+    worker.started(server)
     server.serve_forever()
     logging.getLogger("multiconn.server").info("stopped")
     return 0

@@ -110,6 +110,10 @@ class Server:
     importable by name). An ``async def`` handler always runs on one asyncio
     loop in a helper thread (`async_loop` ``"uvloop"`` for uvloop's), and cannot
     be combined with a thread or process pool. See `multiconn.responders`.
+
+    `listeners`, if given, are sockets already bound and listening: the server
+    serves on them instead of binding `host`:`port` (a worker of
+    `multiconn.supervisor` gets its own from the supervisor).
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class Server:
         metrics_address: tuple[str, int] | None = None,
         proxy_protocol: str | None = None,
         proxy_trusted: str | Sequence[str] = DEFAULT_TRUSTED,
+        listeners: Sequence[socket.socket] | None = None,
     ) -> None:
         self.app = load_app(app) if isinstance(app, str) else app
         with_connection = False
@@ -181,6 +186,9 @@ class Server:
         self._responder_started = False
         self._saturated = False
         self._listeners: list[socket.socket] = []
+        #: Sockets already bound and listening, to serve on instead of binding host:port
+        #: (`multiconn.supervisor` hands its workers theirs); closed with the server.
+        self._given_listeners = list(listeners) if listeners is not None else None
         self._accepting = False
         self._accept_backoff = False
         self._out_of_capacity = False
@@ -207,7 +215,12 @@ class Server:
         if not self._responder_started:
             self.responder.start(self.loop, self._set_saturated)  # a process pool may refuse the app here
             self._responder_started = True
-        self._listeners = _bind_listeners(self.host, self.port, self.backlog)
+        if self._given_listeners is not None:
+            self._listeners = self._given_listeners
+            for sock in self._listeners:
+                sock.setblocking(False)
+        else:
+            self._listeners = _bind_listeners(self.host, self.port, self.backlog)
         if self.metrics_address is not None and self.metrics is not None:
             metrics = self.metrics
             self.metrics_endpoint = MetricsEndpoint(
