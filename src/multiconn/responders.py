@@ -487,7 +487,9 @@ class AsyncResponder(PooledResponder):
     def _new_loop(self) -> asyncio.AbstractEventLoop:
         if self.loop_kind == "uvloop":
             import uvloop  # checked by the caller; see check_async_loop
-            return uvloop.new_event_loop()
+            # Typed the same whether or not uvloop (optional) is installed.
+            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+            return loop
         return asyncio.new_event_loop()
 
     def _start_workers(self) -> None:

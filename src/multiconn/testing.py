@@ -98,16 +98,17 @@ class MemoryTransport:
     connection, cleanly or after an error frame). Set `pending` to pretend the
     peer has not read that many bytes yet (backpressure), then `drain` to let
     them go; the session hears `resume_writing` as a real transport would say it.
+    For example:
 
-    >>> from multiconn.session import FramedSession, SessionContext
-    >>> from multiconn.responders import InlineResponder
-    >>> from multiconn import Limits, echo, encode_frame, Frame
-    >>> transport = MemoryTransport()
-    >>> session = FramedSession(transport, SessionContext(InlineResponder(echo), Limits(), ManualClock()))
-    >>> transport.attach(session)
-    >>> transport.feed(encode_frame(Frame.binary(b"hi", id=1)), chunk=1)
-    >>> transport.take_frames()[0].content
-    b'hi'
+        >>> from multiconn.session import FramedSession, SessionContext
+        >>> from multiconn.responders import InlineResponder
+        >>> from multiconn import Limits, echo, encode_frame, Frame
+        >>> transport = MemoryTransport()
+        >>> session = FramedSession(transport, SessionContext(InlineResponder(echo), Limits(), ManualClock()))
+        >>> transport.attach(session)
+        >>> transport.feed(encode_frame(Frame.binary(b"hi", id=1)), chunk=1)
+        >>> transport.take_frames()[0].content
+        b'hi'
     """
 
     def __init__(self, low_water: int = 256 * 1024) -> None:
