@@ -1,6 +1,6 @@
 """The frame codec and command line shared by the peer servers.
 
-A frame (PROTOCOL.md) is a 2-byte big-endian header length, a UTF-8 JSON
+A frame (docs/protocol.md) is a 2-byte big-endian header length, a UTF-8 JSON
 header object, then ``content-length`` bytes of content.  The peers answer
 each frame with a frame of the same content-type, content-encoding, content
 and id: the ``echo`` application.  The codec is written plainly (struct +

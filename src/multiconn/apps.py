@@ -22,7 +22,7 @@ from .protocol import ErrorCode, Frame
 
 App = Callable[[Frame], Frame]  # or (Frame, ConnectionInfo) -> Frame: see connection_info.py
 
-#: The guide's search table (PROTOCOL.md section 4).
+#: The guide's search table (docs/protocol.md, "Applications built in").
 SEARCH_ANSWERS = {
     "morpheus": "Follow the white rabbit. \U0001f430",
     "ring": "In the caves beneath the Misty Mountains. \U0001f48d",

@@ -5,7 +5,7 @@ Every exception the library raises on purpose derives from `MulticonnError`, so
 branches say who is to blame:
 
 - `ProtocolError`: the peer sent bytes that are not a valid frame. It carries the
-  protocol's error code (PROTOCOL.md section 3) so a server can answer with it.
+  protocol's error code (docs/protocol.md, "Errors") so a server can answer with it.
 - `ErrorResponse`: the peer sent a well-formed *error frame*, i.e. the server
   understood us and said no.
 - `ConnectionFailed`, `ConnectionClosed`, `Timeout`: the network or the peer

@@ -1,4 +1,4 @@
-"""The server's limits and timeouts in one place, with PROTOCOL.md's defaults."""
+"""The server's limits and timeouts in one place, with the defaults of docs/protocol.md."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ Why not `selectors` alone: ``EpollSelector.select()`` pays, in Python, for every
 ready descriptor (a `SelectorKey` lookup, the mask translated bit by bit, a
 tuple appended to a list that the loop unpacks again). For a server of small
 messages, where one ready event is one request, that is a large share of its
-own work (the measured difference: benchmarks/results/micro.md). So on Linux `EpollPoller` owns the `select.epoll` object itself (the one
+own work (the measured difference: benchmarks/results/micro.md). So on Linux
+`EpollPoller` owns the `select.epoll` object itself (the one
 `selectors.EpollSelector` wraps; trio's ``_io_epoll.py`` does the same) and
 dispatches straight from the kernel's ``(fd, events)`` list through one dict
 of callbacks. EPOLLIN equals EVENT_READ, so the common event needs no
