@@ -188,3 +188,62 @@ def test_bad_metrics_address_is_refused() -> None:
     result = subprocess.run([sys.executable, "-m", "multiconn", "serve", "--metrics", "nonsense"],
                             capture_output=True, text=True, timeout=20)
     assert result.returncode == 2 and "HOST:PORT" in result.stderr
+
+
+def test_workers_report_the_whole_server_and_never_go_backwards() -> None:
+    """With --workers 2 the supervisor serves /metrics: every worker's counters
+    summed, and a worker killed with SIGKILL does not take its counts with it."""
+    import os
+    import signal
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+
+    def scrape_cli() -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        samples: dict[str, Any] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
+
+    with ServerProcess("--app", "echo", "--workers", "2", "--metrics", f"127.0.0.1:{metrics_port}") as server:
+        pids: set[int] = set()
+        sent = 0
+        for _ in range(40):  # fresh connections: the kernel spreads them over both workers
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(encode_frames(Frame.binary(b"x", id=i) for i in range(5)))
+                sock.settimeout(5)
+                received = b""
+                while received.count(b'"id"') < 5:
+                    received += sock.recv(4096)
+                sent += 5
+        deadline = time.monotonic() + 5
+        while True:
+            before = scrape_cli()
+            if before.get("multiconn_requests_total") == sent or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert before["multiconn_requests_total"] == sent
+        assert before["multiconn_connections_accepted_total"] == 40
+        workers = {key: value for key, value in before.items() if key.startswith("multiconn_worker_connections_open")}
+        assert len(workers) == 2
+        pids = {int(key.split("pid=")[1].split(",")[0].rstrip("}")) for key in workers}
+        victim = min(pids)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while True:
+            after = scrape_cli()
+            if after.get("multiconn_worker_restarts_total") == 1 and len(
+                    [k for k in after if k.startswith("multiconn_worker_connections_open")]) == 2:
+                break
+            assert time.monotonic() < deadline, after
+            time.sleep(0.1)
+        assert after["multiconn_requests_total"] >= before["multiconn_requests_total"]
+        assert after["multiconn_connections_accepted_total"] >= before["multiconn_connections_accepted_total"]
+        assert victim not in {int(k.split("pid=")[1].split(",")[0].rstrip("}")) for k in after
+                              if k.startswith("multiconn_worker_connections_open")}
+    assert "Traceback" not in server.stderr

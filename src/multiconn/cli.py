@@ -200,7 +200,9 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         server = Server(app, args.host, args.port, limits=limits, ssl_context=ssl_context,
                         handler_pool=args.handler_pool, pool_size=args.pool_size, async_loop=args.async_loop,
-                        log_level=logging.getLogger().level, metrics_address=args.metrics,
+                        log_level=logging.getLogger().level,
+                        # Under a supervisor, it serves /metrics: this worker counts and reports to it.
+                        metrics=worker.push_metrics, metrics_address=None if worker.active else args.metrics,
                         proxy_protocol=args.proxy_protocol, proxy_trusted=args.proxy_trusted,
                         listeners=worker.listen())
     except (ValueError, AppLoadError) as exc:
@@ -217,6 +219,7 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 1
     worker.started(server)
     server.serve_forever()
+    worker.finished()
     logging.getLogger("multiconn.server").info("stopped")
     return 0
 

@@ -30,8 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, cast
 from .protocol import Frame
 
 if TYPE_CHECKING:
-    from .process_pool import ProcessPoolResponder
-    from .responders import PooledResponder, ThreadPoolResponder
+    from .responders import PooledResponder
     from .server import Server
 
 #: Request duration buckets (seconds): log-spaced, 50 µs to 10 s.
@@ -92,6 +91,14 @@ class Histogram:
     def count(self) -> int:
         return sum(self.counts)
 
+    @classmethod
+    def from_list(cls, data: list[Any], bounds: tuple[float, ...] = DURATION_BUCKETS) -> "Histogram":
+        """The inverse of ``counts + [sum]`` (a snapshot's form)."""
+        histogram = cls(bounds)
+        histogram.counts = [int(count) for count in data[:-1]]
+        histogram.sum = float(data[-1])
+        return histogram
+
     def samples(self, name: str, labels: str = "") -> Iterable[str]:
         running = 0
         sep = "," if labels else ""
@@ -148,56 +155,123 @@ class ServerMetrics:
 
     def render(self, server: "Server") -> str:
         """The text format, version 0.0.4, for `server` as it is now."""
+        return render_snapshot(self.snapshot(server))
+
+    def snapshot(self, server: "Server") -> dict[str, Any]:
+        """Every value as plain JSON data: what a worker sends its supervisor,
+        which adds the workers' snapshots up (`merge`) and renders the sum.
+
+        Gauges (what is open or running now) are kept apart under "gauges", so
+        that the counters of a worker that is gone can be kept without them.
+        """
         open_in = open_out = 0
         for transport in list(server.connections):
             received, sent = socket_bytes(transport.sock)
             open_in += received
             open_out += sent
-        lines: list[str] = []
-        add = _Family(lines)
-        add("multiconn_connections_open", "gauge", "Connections open now.", [("", len(server.connections))])
-        add("multiconn_connections_accepted_total", "counter", "Connections accepted.", [("", self.accepted)])
-        add("multiconn_connections_closed_total", "counter", "Connections closed, by reason.",
-            [(f'reason="{reason}"', count) for reason, count in sorted(self.closed.items())])
-        requests = self.duration.count
-        add("multiconn_requests_total", "counter", "Request frames received and answered.", [("", requests)])
-        add("multiconn_frames_sent_total", "counter", "Frames sent: answers and error frames.",
-            [("", requests + self.fatal_errors)])
-        add("multiconn_error_frames_total", "counter", "Error frames sent, by protocol error code.",
-            [(f'code="{code}"', count) for code, count in sorted(self.errors.items())])
-        add("multiconn_received_bytes_total", "counter", "Bytes received on client connections (TCP payload).",
-            [("", self.closed_bytes_in + open_in)])
-        add("multiconn_sent_bytes_total", "counter", "Bytes sent on client connections and acknowledged.",
-            [("", self.closed_bytes_out + open_out)])
-        add("multiconn_backpressure_pauses_total", "counter",
-            "Times a connection stopped being read because its output passed the high-water mark.",
-            [("", self.pauses)])
-        lines.append("# HELP multiconn_request_duration_seconds Time from a request's arrival to its answer.")
-        lines.append("# TYPE multiconn_request_duration_seconds histogram")
-        lines.extend(self.duration.samples("multiconn_request_duration_seconds"))
+        snapshot: dict[str, Any] = {
+            "accepted": self.accepted,
+            "closed": dict(self.closed),
+            "fatal_errors": self.fatal_errors,
+            "errors": dict(self.errors),
+            "pauses": self.pauses,
+            "bytes_in": self.closed_bytes_in + open_in,
+            "bytes_out": self.closed_bytes_out + open_out,
+            "duration": self.duration.counts + [self.duration.sum],
+            "gauges": {"open": len(server.connections)},
+            "started": self.started,
+        }
         kind = getattr(server.responder, "kind", "inline")
         if kind != "inline":
             responder = cast("PooledResponder", server.responder)
             capacity = getattr(responder, "capacity", 0)
             running = min(responder.outstanding, capacity) if capacity else responder.outstanding
-            pool = f'pool="{kind}"'
-            add("multiconn_pool_queued", "gauge", "Requests waiting for a handler pool worker.",
-                [(pool, responder.outstanding - running)])
-            add("multiconn_pool_in_flight", "gauge", "Requests a pool worker (or an async task) is running now.",
-                [(pool, running)])
-            lines.append("# HELP multiconn_pool_wait_seconds Time a request waited for a pool worker.")
-            lines.append("# TYPE multiconn_pool_wait_seconds histogram")
-            lines.extend(self.pool_wait.samples("multiconn_pool_wait_seconds", pool))
-            if kind == "thread":
-                add("multiconn_pool_threads_abandoned_total", "counter",
-                    "Pool threads given up after running past the handler timeout.",
-                    [(pool, cast("ThreadPoolResponder", responder).abandoned)])
-            if kind == "process":
-                add("multiconn_pool_worker_restarts_total", "counter", "Pool worker processes restarted.",
-                    [(pool, cast("ProcessPoolResponder", responder).restarts)])
-        add("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.",
-            [("", self.started)])
-        return "\n".join(lines) + "\n"
+            snapshot["pool"] = {
+                "kind": kind,
+                "wait": self.pool_wait.counts + [self.pool_wait.sum],
+                "abandoned": getattr(responder, "abandoned", 0),
+                "restarts": getattr(responder, "restarts", 0),
+            }
+            snapshot["gauges"].update(queued=responder.outstanding - running, in_flight=running)
+        return snapshot
+
+
+def empty_snapshot() -> dict[str, Any]:
+    """A snapshot of nothing counted yet (a supervisor before its first worker reports)."""
+    metrics = ServerMetrics()
+    return {"accepted": 0, "closed": {}, "fatal_errors": 0, "errors": {}, "pauses": 0, "bytes_in": 0,
+            "bytes_out": 0, "duration": metrics.duration.counts + [0.0], "gauges": {"open": 0},
+            "started": metrics.started}
+
+
+def merge(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """`total` plus `more`: numbers add, lists add element by element, dicts merge."""
+    result = dict(total)
+    for key, value in more.items():
+        mine = result.get(key)
+        if mine is None:
+            result[key] = value
+        elif isinstance(value, dict):
+            result[key] = merge(mine, value)
+        elif isinstance(value, list):
+            result[key] = [a + b for a, b in zip(mine, value)]
+        elif isinstance(value, str):
+            result[key] = value  # a name (the pool's kind): the same in every worker
+        elif key == "started":
+            result[key] = min(mine, value)
+        else:
+            result[key] = mine + value
+    return result
+
+
+def render_snapshot(snap: dict[str, Any], extra: Iterable[str] = ()) -> str:
+    """The text format for a snapshot (one server's, or the sum of its workers'),
+    with `extra` lines (the supervisor's own families) before the last family."""
+    lines: list[str] = []
+    add = _Family(lines)
+    gauges = snap.get("gauges", {})
+    add("multiconn_connections_open", "gauge", "Connections open now.", [("", gauges.get("open", 0))])
+    add("multiconn_connections_accepted_total", "counter", "Connections accepted.", [("", snap["accepted"])])
+    add("multiconn_connections_closed_total", "counter", "Connections closed, by reason.",
+        [(f'reason="{reason}"', count) for reason, count in sorted(snap["closed"].items())])
+    duration = Histogram.from_list(snap["duration"])
+    requests = duration.count
+    add("multiconn_requests_total", "counter", "Request frames received and answered.", [("", requests)])
+    add("multiconn_frames_sent_total", "counter", "Frames sent: answers and error frames.",
+        [("", requests + snap["fatal_errors"])])
+    add("multiconn_error_frames_total", "counter", "Error frames sent, by protocol error code.",
+        [(f'code="{code}"', count) for code, count in sorted(snap["errors"].items())])
+    add("multiconn_received_bytes_total", "counter", "Bytes received on client connections (TCP payload).",
+        [("", snap["bytes_in"])])
+    add("multiconn_sent_bytes_total", "counter", "Bytes sent on client connections and acknowledged.",
+        [("", snap["bytes_out"])])
+    add("multiconn_backpressure_pauses_total", "counter",
+        "Times a connection stopped being read because its output passed the high-water mark.",
+        [("", snap["pauses"])])
+    lines.append("# HELP multiconn_request_duration_seconds Time from a request's arrival to its answer.")
+    lines.append("# TYPE multiconn_request_duration_seconds histogram")
+    lines.extend(duration.samples("multiconn_request_duration_seconds"))
+    pool_data = snap.get("pool")
+    if pool_data is not None:
+        kind = pool_data["kind"]
+        pool = f'pool="{kind}"'
+        add("multiconn_pool_queued", "gauge", "Requests waiting for a handler pool worker.",
+            [(pool, gauges.get("queued", 0))])
+        add("multiconn_pool_in_flight", "gauge", "Requests a pool worker (or an async task) is running now.",
+            [(pool, gauges.get("in_flight", 0))])
+        lines.append("# HELP multiconn_pool_wait_seconds Time a request waited for a pool worker.")
+        lines.append("# TYPE multiconn_pool_wait_seconds histogram")
+        lines.extend(Histogram.from_list(pool_data["wait"]).samples("multiconn_pool_wait_seconds", pool))
+        if kind == "thread":
+            add("multiconn_pool_threads_abandoned_total", "counter",
+                "Pool threads given up after running past the handler timeout.", [(pool, pool_data["abandoned"])])
+        if kind == "process":
+            add("multiconn_pool_worker_restarts_total", "counter", "Pool worker processes restarted.",
+                [(pool, pool_data["restarts"])])
+    lines.extend(extra)
+    add("process_start_time_seconds", "gauge", "Start time of the process since the Unix epoch.",
+        [("", snap["started"])])
+    return "\n".join(lines) + "\n"
 
 
 class _Family:

@@ -530,3 +530,7 @@ def _bind_listeners(host: str | None, port: int, backlog: int) -> list[socket.so
             sock.close()
         raise
     return listeners
+
+
+#: Listening sockets for every address a host resolves to (also the supervisor's and the metrics endpoint's).
+bind_listeners = _bind_listeners

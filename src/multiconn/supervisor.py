@@ -96,7 +96,9 @@ import sys
 from typing import Any, Sequence
 
 from .loop import EVENT_READ, EventLoop, TimerHandle
-from .server import DEFAULT_BACKLOG, format_address
+from .metrics import empty_snapshot, merge, render_snapshot
+from .metrics_endpoint import MetricsEndpoint
+from .server import DEFAULT_BACKLOG, bind_listeners, format_address
 
 log = logging.getLogger("multiconn.supervisor")
 
@@ -120,6 +122,9 @@ STOP_GRACE = 5.0
 ABORT_GRACE = 2.0
 #: How often the supervisor looks for exited workers besides SIGCHLD.
 POLL_INTERVAL = 1.0
+#: How often a worker sends its metrics to the supervisor (with --metrics); what
+#: a worker counted since its last snapshot is lost only if it dies unannounced.
+METRICS_PUSH = 0.5
 
 #: A socket address: (host, port) or IPv6's (host, port, flowinfo, scope_id).
 Address = tuple[Any, ...]
@@ -176,9 +181,12 @@ class WorkerRole:
         self._control: socket.socket | None = None
         self._stderr_fd = -1
         self._server: Any = None
+        #: The supervisor serves --metrics: count, and send it snapshots (`METRICS_PUSH`).
+        self.push_metrics = False
         if config is None:
             return
         self.slot = int(config["slot"])
+        self.push_metrics = bool(config.get("metrics"))
         for fd in config["listeners"]:
             sock = socket.socket(fileno=fd)
             sock.set_inheritable(False)  # not into the app's own subprocesses
@@ -207,6 +215,32 @@ class WorkerRole:
         self._control.sendall(b"ready\n")
         self._control.setblocking(False)
         server.loop.register(self._control, EVENT_READ, self._on_control)
+        if self.push_metrics:
+            server.loop.call_later(METRICS_PUSH, self._push_metrics)
+
+    def _push_metrics(self) -> None:
+        """Send the supervisor this worker's metrics; again in `METRICS_PUSH` seconds."""
+        server = self._server
+        if server is None or server.metrics is None or self._control is None:
+            return
+        self._send_metrics()
+        server.loop.call_later(METRICS_PUSH, self._push_metrics)
+
+    def _send_metrics(self) -> None:
+        assert self._control is not None
+        line = b"metrics " + json.dumps(self._server.metrics.snapshot(self._server)).encode() + b"\n"
+        try:
+            self._control.settimeout(1.0)  # a line is never sent in part: framing on the control socket
+            self._control.sendall(line)
+        except OSError:
+            pass  # the supervisor is gone or stuck: its counts are its own problem, not the worker's
+        finally:
+            self._control.setblocking(False)
+
+    def finished(self) -> None:
+        """The server has stopped: a last snapshot, so that no count is lost."""
+        if self.active and self.push_metrics and self._server is not None and self._control is not None:
+            self._send_metrics()
 
     def _on_control(self, mask: int) -> None:
         assert self._control is not None
@@ -339,6 +373,8 @@ class _Worker:
         self.held: list[bytes] = []  # its output before it was ready
         self.partial = b""
         self.description: str | None = None  # from its "listening on" line
+        self.control_partial = b""  # an unfinished line from its control socket
+        self.metrics: dict[str, Any] | None = None  # its latest snapshot (`METRICS_PUSH`)
         self.timer: TimerHandle | None = None  # ready timeout, then kill timeout
 
     @property
@@ -350,7 +386,7 @@ class Supervisor:
     """Runs `count` workers of `command` on the sockets of `slots` (see the module docstring)."""
 
     def __init__(self, slots: list[_Slot], addresses: list[tuple[int, Address]], command: list[str],
-                 *, drain_timeout: float, app: str) -> None:
+                 *, drain_timeout: float, app: str, metrics_address: tuple[str, int] | None = None) -> None:
         self.slots = slots
         self.addresses = addresses
         self.command = command
@@ -369,6 +405,12 @@ class Supervisor:
         self._failures = 0  # workers in a row that exited before they were ready
         self._last_failure_output: list[bytes] | None = None
         self._poll_handle: TimerHandle | None = None
+        # --metrics: the counters of workers that are gone, summed, so that
+        # totals never go backwards; the endpoint, on this loop.
+        self.metrics_address = metrics_address
+        self._retired_metrics: dict[str, Any] | None = None
+        self._restarts = 0
+        self.metrics_endpoint: MetricsEndpoint | None = None
 
     # -- running ------------------------------------------------------------
 
@@ -379,6 +421,11 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
         try:
+            if self.metrics_address is not None:
+                self.metrics_endpoint = MetricsEndpoint(
+                    loop, bind_listeners(*self.metrics_address, 16), self.render_metrics)
+                for address in self.metrics_endpoint.addresses:
+                    log.info("metrics on http://%s/metrics", format_address(address))
             log.info("starting %d workers", len(self.slots))
             for slot in self.slots:
                 loop.call_soon(self._restart, slot)
@@ -390,6 +437,8 @@ class Supervisor:
                 worker.proc.wait()
             for slot in self.slots:
                 slot.close()
+            if self.metrics_endpoint is not None:
+                self.metrics_endpoint.close()
             os.close(self._stderr_fd)
             loop.close()
         log.info("stopped")
@@ -406,7 +455,7 @@ class Supervisor:
         capture, child_stderr = os.pipe()
         fds = [sock.fileno() for sock in slot.sockets]
         config = {"slot": slot.index, "listeners": fds, "control": child_control.fileno(),
-                  "stderr": self._stderr_fd}
+                  "stderr": self._stderr_fd, "metrics": self.metrics_address is not None}
         env = dict(os.environ)
         env[WORKER_ENV] = json.dumps(config)
         try:
@@ -437,15 +486,24 @@ class Supervisor:
         if control is None:
             return
         try:
-            data = control.recv(4096)
+            data = control.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             data = b""
         if not data:
             self._close_control(worker)
-        elif b"ready" in data and not worker.ready and worker in self.workers:
-            self._on_ready(worker)
+            return
+        *lines, worker.control_partial = (worker.control_partial + data).split(b"\n")
+        for line in lines:
+            if line == b"ready":
+                if not worker.ready and worker in self.workers:
+                    self._on_ready(worker)
+            elif line.startswith(b"metrics "):
+                try:
+                    worker.metrics = json.loads(line[8:])
+                except ValueError:
+                    log.warning("worker %d sent unreadable metrics", worker.pid)
 
     def _close_control(self, worker: _Worker) -> None:
         if worker.control is not None:
@@ -560,6 +618,18 @@ class Supervisor:
         if worker.timer is not None:
             worker.timer.cancel()
             worker.timer = None
+        while worker.control is not None:  # its last words (a final metrics snapshot), then EOF
+            control = worker.control
+            control.setblocking(True)
+            control.settimeout(0.2)
+            self._on_control(worker, EVENT_READ)
+            if worker.control is control:
+                try:
+                    control.setblocking(False)
+                except OSError:
+                    pass
+                break
+        self._retire_metrics(worker)
         self._close_control(worker)
         self._read_capture(worker)  # all it wrote is in the pipe (unless its children keep it open)
         if worker.capture >= 0 and worker.partial:
@@ -649,10 +719,44 @@ class Supervisor:
             log.info("restarting slot %d", slot.index)
         slot.restart_timer = self.loop.call_later(slot.delay, self._restart, slot)
 
+    # -- metrics ----------------------------------------------------------------
+
+    def _retire_metrics(self, worker: _Worker) -> None:
+        """Keep the counters of a worker that is gone (not its gauges: nothing is open there now)."""
+        if worker.metrics is None:
+            return
+        counters = {key: value for key, value in worker.metrics.items() if key != "gauges"}
+        retired = self._retired_metrics
+        self._retired_metrics = counters if retired is None else merge(retired, counters)
+        worker.metrics = None
+
+    def render_metrics(self) -> str:
+        """The whole server: every worker's counters, the gone ones' included, summed."""
+        total = self._retired_metrics
+        live = sorted((w for w in self.workers if w.metrics is not None), key=lambda w: w.slot.index)
+        for worker in live:
+            total = worker.metrics if total is None else merge(total, worker.metrics)  # type: ignore[arg-type]
+        if total is None:
+            total = empty_snapshot()
+        extra = [
+            "# HELP multiconn_worker_restarts_total Worker processes started again after one exited.",
+            "# TYPE multiconn_worker_restarts_total counter",
+            f"multiconn_worker_restarts_total {self._restarts}",
+            "# HELP multiconn_worker_connections_open Connections open now, per worker.",
+            "# TYPE multiconn_worker_connections_open gauge",
+        ]
+        for worker in live:
+            open_now = worker.metrics.get("gauges", {}).get("open", 0)  # type: ignore[union-attr]
+            extra.append(f'multiconn_worker_connections_open{{slot="{worker.slot.index}",pid="{worker.pid}"}} '
+                         f"{open_now}")
+        return render_snapshot(total, extra)
+
     def _restart(self, slot: _Slot) -> None:
         slot.restart_timer = None
         if self._stopping or slot.worker is not None or (self._reloading and slot in self._next):
             return
+        if slot.handed_out:
+            self._restarts += 1
         slot.worker = self._spawn(slot, "current")
         if slot.worker is None:
             self._count_failure("cannot start a worker", 1)
@@ -813,8 +917,6 @@ def _checked_argv(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def run_supervisor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """``multiconn serve --workers N`` with N > 1: bind, start the workers, supervise until stopped."""
     logging.basicConfig(level=logging.getLogger().level, stream=sys.stderr, format=LOG_FORMAT, force=True)
-    if getattr(args, "metrics", None) is not None:
-        parser.error("--metrics cannot be combined with --workers (each worker would need a port of its own)")
     argv = _checked_argv(args, parser)
     slots: list[_Slot] = []
     try:
@@ -831,5 +933,6 @@ def run_supervisor(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     flags: list[str] = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]  # as multiprocessing does
     command = [sys.executable, *flags, "-m", "multiconn", *argv,
                "--workers", "1", "--port", str(port)]
-    supervisor = Supervisor(slots, addresses, command, drain_timeout=args.drain_timeout, app=args.app)
+    supervisor = Supervisor(slots, addresses, command, drain_timeout=args.drain_timeout, app=args.app,
+                            metrics_address=getattr(args, "metrics", None))
     return supervisor.run()
