@@ -104,11 +104,10 @@ def test_connect_to_a_closed_port_raises_connection_failed() -> None:
     assert "refused" in str(exc).lower()
 
 
-def test_connect_to_an_unknown_host_name_raises_connection_failed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Name resolution failing is ConnectionFailed, not a raw socket.gaierror.
-
-    getaddrinfo is faked for the one name, so no DNS query leaves the machine.
-    """
+@pytest.fixture
+def unknown_host(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A host name that does not resolve; getaddrinfo is faked for it, so no DNS
+    query leaves the machine."""
     real = socket.getaddrinfo
 
     def fake_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
@@ -117,8 +116,13 @@ def test_connect_to_an_unknown_host_name_raises_connection_failed(monkeypatch: p
         return real(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    return "no-such-host.invalid"
+
+
+def test_connect_to_an_unknown_host_name_raises_connection_failed(unknown_host: str) -> None:
+    """Name resolution failing is ConnectionFailed, not a raw socket.gaierror."""
     with pytest.raises(ConnectionFailed) as info:
-        connect("no-such-host.invalid", 80, timeout=2)
+        connect(unknown_host, 80, timeout=2)
     assert "no-such-host.invalid" in str(info.value)
     assert "Name or service not known" in str(info.value)
 
@@ -379,17 +383,9 @@ def test_multiclient_to_a_closed_port_raises_connection_failed() -> None:
     assert "ECONNREFUSED" in str(info.value)
 
 
-def test_multiclient_to_an_unknown_host_name_raises_connection_failed(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = socket.getaddrinfo
-
-    def fake_getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host == "no-such-host.invalid":
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+def test_multiclient_to_an_unknown_host_name_raises_connection_failed(unknown_host: str) -> None:
     with pytest.raises(ConnectionFailed):
-        MultiClient("no-such-host.invalid", 80, timeout=2).run([[Frame.binary(b"x")]])
+        MultiClient(unknown_host, 80, timeout=2).run([[Frame.binary(b"x")]])
 
 
 def test_multiclient_connection_closed_by_server() -> None:
