@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Callable, Union
+from typing import Any, Callable, Union, cast
 
 from .connection_info import ConnectionInfo, format_address
 from .errors import AppLoadError, ProtocolError
 from .protocol import ErrorCode, Frame
 
-App = Callable[[Frame], Frame]  # or (Frame, ConnectionInfo) -> Frame: see connection_info.py
+App = Callable[[Frame], Frame]
+#: An application that also takes its request's connection (see connection_info.py).
+ConnectionApp = Callable[[Frame, ConnectionInfo], Frame]
 
 #: The guide's search table (docs/protocol.md, "Applications built in").
 SEARCH_ANSWERS = {
@@ -82,7 +84,7 @@ class RawEcho:
 
 raw_echo = RawEcho()
 
-BUILTIN_APPS: dict[str, Union[App, RawEcho]] = {
+BUILTIN_APPS: dict[str, Union[App, ConnectionApp, RawEcho]] = {
     "search": search,
     "echo": echo,
     "whoami": whoami,
@@ -90,7 +92,7 @@ BUILTIN_APPS: dict[str, Union[App, RawEcho]] = {
 }
 
 
-def load_app(spec: str) -> Union[App, RawEcho]:
+def load_app(spec: str) -> Union[App, ConnectionApp, RawEcho]:
     """A built-in app by name, or ``package.module:attr`` for a user's own.
 
     Raises `AppLoadError` with a readable reason when it cannot be loaded.
@@ -113,4 +115,4 @@ def load_app(spec: str) -> Union[App, RawEcho]:
             raise AppLoadError(f"{module_name!r} has no attribute {attr!r}") from None
     if not callable(target):
         raise AppLoadError(f"{spec!r} is not callable")
-    return target
+    return cast("Union[App, ConnectionApp, RawEcho]", target)

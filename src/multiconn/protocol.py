@@ -138,7 +138,7 @@ class Frame:
     @classmethod
     def binary(
         cls,
-        content: bytes,
+        content: bytes | bytearray | memoryview,
         *,
         content_type: str = "binary/octet-stream",
         encoding: str = "binary",

@@ -29,7 +29,7 @@ import socket
 import ssl
 from typing import Any, Callable, Sequence, Union, cast
 
-from .apps import App, RawEcho, load_app
+from .apps import App, ConnectionApp, RawEcho, load_app
 from .limits import Limits
 from .loop import EVENT_READ, EventLoop
 from .process_pool import ProcessPoolResponder
@@ -118,7 +118,7 @@ class Server:
 
     def __init__(
         self,
-        app: Union[App, RawEcho, str] = "search",
+        app: Union[App, ConnectionApp, RawEcho, str] = "search",
         host: str | None = "127.0.0.1",
         port: int = 65432,
         *,

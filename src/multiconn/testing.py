@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Sequence, Union
 
-from .apps import App, RawEcho, load_app
+from .apps import App, ConnectionApp, RawEcho, load_app
 from .client import Client, connect
 from .connection_info import ConnectionInfo, WithConnection, wants_connection
 from .limits import Limits
@@ -31,7 +31,7 @@ __all__ = ["ManualClock", "MemoryTransport", "ServerProcess", "ServerThread"]
 class ServerThread:
     """A `Server` on 127.0.0.1 and a free port, running in a daemon thread."""
 
-    def __init__(self, app: Union[App, RawEcho, str] = "echo", *, host: str = "127.0.0.1",
+    def __init__(self, app: Union[App, ConnectionApp, RawEcho, str] = "echo", *, host: str = "127.0.0.1",
                  limits: Limits = Limits(), **server_args: Any) -> None:
         self.server = Server(app, host, 0, limits=limits, **server_args)
         self._thread = threading.Thread(target=self._run, name="multiconn-server", daemon=True)
