@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
 import time
 
 from multiconn import Frame, FrameDecoder, Limits, encode_frame, encode_frames
@@ -81,7 +82,11 @@ def test_a_slow_reader_never_gets_a_buffer_that_was_reused(start_server) -> None
     contents = [bytes([i]) * SIZE + os.urandom(64) for i in range(64)]
     with socket.create_connection(server.address) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
-        sock.sendall(encode_frames(Frame.binary(c, id=i) for i, c in enumerate(contents)))
+        # Send from a thread: the server stops reading while we do not read its
+        # answers (backpressure), so sending it all first would never finish.
+        payload = encode_frames(Frame.binary(c, id=i) for i, c in enumerate(contents))
+        sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+        sender.start()
         decoder = FrameDecoder(max_content=1 << 30)
         answers: list[Frame] = []
         sock.settimeout(20)
@@ -90,5 +95,6 @@ def test_a_slow_reader_never_gets_a_buffer_that_was_reused(start_server) -> None
             assert data
             answers += decoder.feed(data)
             time.sleep(0.0005)
+        sender.join(10)
     assert [a.id for a in answers] == list(range(64))
     assert all(bytes(a.content) == c for a, c in zip(answers, contents))

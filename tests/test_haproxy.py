@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ import pytest
 from multiconn import Frame, connect
 from multiconn.testing import ServerProcess
 
+from helpers import free_port
+
 README = Path(__file__).parent.parent / "README.md"
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
 
@@ -31,12 +32,6 @@ if HAPROXY is None:
     if os.environ.get("MULTICONN_REQUIRE_HAPROXY"):
         raise RuntimeError("haproxy is required here (MULTICONN_REQUIRE_HAPROXY) but not installed")
     pytest.skip("haproxy is not installed (apt-get install haproxy)", allow_module_level=True)
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def readme_config() -> str:

@@ -18,6 +18,8 @@ from multiconn import Frame, Limits, encode_frames
 from multiconn.metrics import DURATION_BUCKETS
 from multiconn.testing import ServerProcess
 
+from helpers import free_port
+
 sys.path.insert(0, str(Path(__file__).parent / "apps"))
 import pool_apps  # noqa: E402
 
@@ -161,9 +163,7 @@ def test_metrics_off_by_default(start_server) -> None:
 
 def test_cli_metrics_flag_during_a_bench_run(tmp_path) -> None:
     """What the README shows: `curl HOST:PORT/metrics` while `multiconn bench` runs."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
+    metrics_port = free_port()
     with ServerProcess("--app", "echo", "--metrics", f"127.0.0.1:{metrics_port}") as server:
         assert server.wait_for_line(f"metrics on http://127.0.0.1:{metrics_port}/metrics", 5)
         import subprocess
@@ -196,9 +196,7 @@ def test_workers_report_the_whole_server_and_never_go_backwards() -> None:
     import os
     import signal
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
+    metrics_port = free_port()
 
     def scrape_cli() -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:

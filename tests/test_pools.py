@@ -19,16 +19,16 @@ import struct
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from multiconn import Frame, FrameDecoder, Limits, encode_frame, encode_frames
+from multiconn import Frame, Limits, encode_frame, encode_frames
 from multiconn.transport import PAUSE_IN_FLIGHT, PAUSE_QUEUE
 from multiconn.testing import ServerProcess
 
-APPS = Path(__file__).parent / "apps"
+from helpers import APPS, cli_env, read_frames
+
 sys.path.insert(0, str(APPS))
 import pool_apps  # noqa: E402
 
@@ -40,27 +40,8 @@ POOLED = [
 ]
 
 
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APPS), env.get("PYTHONPATH")]))
-    env.pop("PYTHONWARNINGS", None)
-    return env
-
-
 def command(text: str, id: Any = None) -> Frame:
     return Frame.binary(text.encode(), id=id)
-
-
-def read_frames(sock: socket.socket, count: int, timeout: float = 10.0) -> list[Frame]:
-    """Exactly `count` frames from a blocking socket (fails on EOF or timeout)."""
-    sock.settimeout(timeout)
-    decoder = FrameDecoder()
-    frames: list[Frame] = []
-    while len(frames) < count:
-        data = sock.recv(65536)
-        assert data, f"EOF after {len(frames)} of {count} frames"
-        frames += decoder.feed(data)
-    return frames
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -51,7 +51,7 @@ from multiconn.proxy import (
 from multiconn.responders import HEALTH_CONTENT_TYPE, InlineResponder, ServerStatus, health_answer
 from multiconn.testing import ServerThread
 
-APPS = Path(__file__).parent / "apps"
+from helpers import APPS, read_frames  # noqa: E402
 sys.path.insert(0, str(APPS))
 import pool_apps  # noqa: E402
 import proxy_apps  # noqa: E402
@@ -541,18 +541,6 @@ def proxied_client(server: ServerThread, header: bytes, *, source: str | None = 
 
 def whoami(client: Client) -> dict[str, Any]:
     return client.request(Frame.json({})).json_content()
-
-
-def read_frames(sock: socket.socket, count: int, timeout: float = 5.0) -> list[Frame]:
-    decoder = FrameDecoder()
-    frames: list[Frame] = []
-    sock.settimeout(timeout)
-    while len(frames) < count:
-        data = sock.recv(65536)
-        assert data, f"closed after {len(frames)} of {count} frames"
-        frames += decoder.feed(data)
-    assert decoder.buffered == 0
-    return frames
 
 
 def read_until_closed(sock: socket.socket, timeout: float = 5.0) -> bytes:

@@ -18,8 +18,6 @@ holding answers past the high-water mark, the pooled session (answer order,
 
 from __future__ import annotations
 
-import json
-import struct
 from typing import Any, Callable
 
 import pytest
@@ -36,6 +34,8 @@ from multiconn.session import (
 )
 from multiconn.testing import ManualClock, MemoryTransport
 from multiconn.transport import PAUSE_ENDED, PAUSE_HELD, PAUSE_IN_FLIGHT
+
+from helpers import raw_frame
 
 PROPS = settings(max_examples=150, deadline=None)
 
@@ -91,11 +91,6 @@ def answer(job: Job, app: Any = echo) -> None:
 def requests(count: int, size: int = 3) -> list[Frame]:
     return [Frame.binary(bytes([65 + i % 26]) * size, id=i) for i in range(count)]
 
-
-def raw_frame(header: Any, content: bytes = b"") -> bytes:
-    """Hand-built wire bytes, so that a malformed header can be sent."""
-    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return struct.pack(">H", len(raw)) + raw + content
 
 
 def header(content_length: int, **extra: Any) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def socket_bytes(sock: socket.socket) -> tuple[int, int]:
 
 
 def error_code(frame: Frame) -> str | None:
-    """The code of an error frame (docs/protocol.md section 3), else None; cheap for other frames."""
+    """The code of an error frame (docs/protocol.md ("Errors")), else None; cheap for other frames."""
     content = frame.content
     if frame.header.get("content-type") != "text/json" or bytes(content[:len(_ERROR_PREFIX)]) != _ERROR_PREFIX:
         return None
@@ -299,7 +299,8 @@ def timed_respond(respond: Callable[[Frame], Frame], metrics: ServerMetrics,
 
     This runs for every request, so `ServerMetrics.answered` is spelled out
     here with everything in locals: two clock reads, a bisect and three adds
-    (about 0.25 µs). Maintenance contract: count what `answered` counts.
+    (its cost: benchmarks/results/). Maintenance contract: count what
+    `answered` counts.
     """
     histogram = metrics.duration
     counts, bounds = histogram.counts, histogram.bounds

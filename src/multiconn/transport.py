@@ -78,7 +78,7 @@ RECV_SIZE = 64 * 1024
 #: Bytes asked of one ``recv`` while reads are small. ``recv(n)`` allocates n
 #: bytes before it knows how many arrive: up to 512 (with the object's header)
 #: they come from CPython's small-object allocator, above that from malloc,
-#: which costs about 100 ns more per read, a tenth of a small echo's Python time.
+#: which costs a measurable share of a small echo (benchmarks/results/micro.md).
 SMALL_RECV_SIZE = 448
 #: A read of at most this many bytes is small. Half of SMALL_RECV_SIZE, so that
 #: messages a little shorter than it do not flip the size at every read.
@@ -257,13 +257,12 @@ class Transport:
         Small messages, the state nearly every event of a ping-pong finds
         (readable, reading small, nothing queued), come here; anything else
         takes the general path. Raw echo is the event loop's own benchmark,
-        and there the general path's calls are a seventh of the server's
-        Python time. It reads and writes the descriptor with `os.read` and
+        and there the general path's extra calls are a large share of the
+        server's Python time (benchmarks/results/micro.md). It reads and writes the descriptor with `os.read` and
         `os.write` (a socket is a file on POSIX; TLS never comes here), which
         parse their arguments the fast way where ``socket.recv`` and ``send``
         parse an argument tuple. Maintenance contract: this repeats the steps
-        of `_read_once` and `write`; change them together (figures in
-        benchmarks/results/).
+        of `_read_once` and `write`; change them together.
         """
         if (mask != EVENT_READ or self._recv_size != SMALL_RECV_SIZE or self._out is not None
                 or self.state is not OPEN or self._input):
