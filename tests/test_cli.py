@@ -9,7 +9,6 @@ stopped and waited for by a fixture, even when a test fails.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -26,22 +25,13 @@ from multiconn.errors import ServerStartError
 from multiconn.protocol import Frame, FrameDecoder, encode_frame, encode_frames
 from multiconn.testing import ServerProcess
 
-from helpers import free_port
+from helpers import cli_env, free_port
 
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-def cli_env(pythonpath: Path | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONIOENCODING"] = "utf-8"
-    env.pop("PYTHONWARNINGS", None)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(pythonpath), env.get("PYTHONPATH")]))
-    return env
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20) -> subprocess.CompletedProcess:
