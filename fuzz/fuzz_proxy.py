@@ -27,10 +27,6 @@ atheris to replay one. It fails (raises) on:
   decimal without heading zeroes), and a v2 LOCAL with an empty block refused
   (the specification: the receiver must accept LOCAL and ignore the family).
 
-``FUZZ_PROXY_LENIENT=1`` skips the specification checks for the bugs that are
-known and open (tests/test_proxy.py, the xfail tests), so that a run can look
-past them.
-
     python fuzz/fuzz_proxy.py -max_total_time=60 /tmp/corpus_proxy   # atheris
     python fuzz/fuzz_proxy.py fuzz/corpus_proxy/*                     # replay, atheris or not
 """
@@ -71,7 +67,6 @@ else:
     )
 
 ACCEPTS = ("any", "v1", "v2", "any")
-LENIENT = os.environ.get("FUZZ_PROXY_LENIENT") == "1"
 PORT = re.compile(r"(0|[1-9][0-9]{0,4})\Z")
 
 Outcome = tuple  # ("header", ProxyHeader, consumed) | ("refused",) | ("waiting", consumed)
@@ -169,16 +164,12 @@ def spec_v1(line: bytes) -> str:
     family = socket.AF_INET if fields[1] == b"TCP4" else socket.AF_INET6
     for address in fields[2:4]:
         text = address.decode("ascii")
-        if LENIENT and "%" in text:
-            return "either"  # known bug: zone index accepted
         try:
             socket.inet_pton(family, text)
         except (OSError, ValueError):
             return "invalid"
     for port in fields[4:6]:
         text = port.decode("ascii")
-        if LENIENT and len(text) > 1 and text.startswith("0") and text.isdigit():
-            return "either"  # known bug: heading zeroes accepted
         if not PORT.match(text) or int(text) > 65535:
             return "invalid"
     return "valid"
@@ -195,7 +186,7 @@ def check_spec(stream: bytes, accept: str, outcome: Outcome) -> None:
                 assert outcome[0] == "header", ("valid v1 line refused", stream[: end + 1])
             elif verdict == "invalid":
                 assert outcome[0] == "refused", ("invalid v1 line accepted", stream[: end + 1], outcome)
-    if (not LENIENT and accept != "v1" and len(stream) >= 16 and stream.startswith(V2_SIGNATURE)
+    if (accept != "v1" and len(stream) >= 16 and stream.startswith(V2_SIGNATURE)
             and stream[12] == 0x20 and struct.unpack_from("!H", stream, 14)[0] == 0
             and stream[13] >> 4 in (0, 1, 2, 3) and stream[13] & 0xF in (0, 1, 2)):
         assert outcome[0] == "header" and outcome[1].command == "LOCAL", ("v2 LOCAL refused", stream[:16], outcome)
