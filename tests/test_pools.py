@@ -245,7 +245,7 @@ def test_a_worker_that_exits_fails_its_request_with_the_exit_code(start_server) 
     with server.connect(timeout=10) as client:
         answers = client.request_many([command("exit:3", id=1), command("after", id=2)], raise_errors=False)
     code, message = answers[0].error_info
-    assert code == "handler-error" and "exit code 3" in message
+    assert code == "handler-error" and "exited with code 3" in message
     assert answers[1].content == b"after"
 
 
@@ -327,3 +327,17 @@ def _run_serve(*args: str) -> Any:
 
     return subprocess.run([sys.executable, "-m", "multiconn", "serve", "--port", "0", *args],
                           capture_output=True, text=True, timeout=30, env=cli_env())
+
+
+def test_an_async_handler_that_blocks_its_loop_is_answered_at_the_deadline(start_server, caplog) -> None:
+    """time.sleep in an async def holds the asyncio loop, so asyncio cannot time
+    it out; the server's own loop answers it handler-error at the deadline."""
+    server = start_server(pool_apps.async_blocking, limits=Limits(handler_timeout=0.5))
+    with server.connect(timeout=10) as client:
+        start = time.monotonic()
+        (answer,) = client.request_many([command("sleep:3", id="blocked")], raise_errors=False)
+        took = time.monotonic() - start
+    code, message = answer.error_info
+    assert (code, answer.id) == ("handler-error", "blocked") and "blocked" in message
+    assert took < 2.0, took
+    assert any("blocks its event loop" in r.getMessage() for r in caplog.records)

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"requests the server may have waiting for a pool; past it no connection is read "
                             f"until the queue drains (default {_DEFAULTS.max_queued})")
     serve.add_argument("--async-loop", choices=ASYNC_LOOPS, default="asyncio",
-                       help="event loop for an async def app (default asyncio; uvloop if installed)")
+                       help="event loop for an async def app: asyncio (default) or uvloop (if installed)")
     serve.add_argument("--proxy-protocol", choices=PROXY_VERSIONS, default=None,
                        help="every connection starts with a PROXY protocol header (HAProxy's send-proxy / "
                             "send-proxy-v2) giving the real client; default: off (never guessed)")

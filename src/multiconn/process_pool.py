@@ -90,10 +90,10 @@ def _describe_exit(code: int | None) -> str:
         return "did not exit"
     if code < 0:
         try:
-            return f"killed by signal {signal.Signals(-code).name}"
+            return f"was killed by signal {signal.Signals(-code).name}"
         except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 # -- the worker process --------------------------------------------------------------

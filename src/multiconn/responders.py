@@ -67,6 +67,8 @@ POOL_KINDS = ("inline", "thread", "process")
 DEFAULT_THREAD_POOL_SIZE = 32
 #: Async event loops ``--async-loop`` accepts.
 ASYNC_LOOPS = ("asyncio", "uvloop")
+_asyncio_timeout: Any = getattr(asyncio, "timeout", None)
+
 #: Longest interval between two deadline sweeps.
 DEADLINE_SWEEP = 0.25
 
@@ -181,7 +183,11 @@ async def run_async_handler(app: App, request: Frame, timeout: float, job: Any =
     try:
         if request.header["content-type"] == "text/json":
             request.json_content()
-        response = await asyncio.wait_for(app(request), timeout)
+        if _asyncio_timeout is not None:  # Python 3.11+: no second task per request
+            async with _asyncio_timeout(timeout):
+                response = await app(request)
+        else:
+            response = await asyncio.wait_for(app(request), timeout)
         if not isinstance(response, Frame):
             raise _not_a_frame(response)
     except asyncio.TimeoutError:
@@ -468,12 +474,24 @@ class ThreadPoolResponder(PooledResponder):
 class AsyncResponder(PooledResponder):
     """``async def`` handlers on one asyncio event loop in a helper thread.
 
-    Each job is a task (``run_coroutine_threadsafe``); its deadline is
-    ``asyncio.wait_for``'s, and cancelling the job cancels the task. With
-    `loop_kind` ``"uvloop"`` the loop is uvloop's.
+    Jobs cross to the asyncio thread in batches: `submit` appends to a deque and
+    the first job since the asyncio loop last looked schedules one
+    ``call_soon_threadsafe`` that starts a task for every job queued by then
+    (the mirror image of how answers come back, `_post`). Each task runs the
+    handler under ``asyncio.timeout`` (``wait_for`` on Python 3.10, which costs
+    a second task per request) and posts its own answer.
+
+    Deadlines hold even for a handler that blocks its event loop (``time.sleep``
+    in an ``async def``): the server's own loop, in another thread, answers
+    every job still unanswered `DEADLINE_GRACE` after its deadline with
+    ``handler-error`` and says once what is wrong. Cancelling a job (its client
+    went away) cancels its task. With `loop_kind` ``"uvloop"`` the loop is uvloop's.
     """
 
     kind = "async"
+    #: How long past the handler timeout the server answers a job whose task
+    #: did not (its handler blocks the asyncio loop).
+    DEADLINE_GRACE = 0.5
 
     def __init__(self, app: App, *, handler_timeout: float, max_queued: int,
                  loop_kind: str = "asyncio") -> None:
@@ -483,6 +501,11 @@ class AsyncResponder(PooledResponder):
         self.loop_kind = loop_kind
         self._aloop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._incoming: deque[Job] = deque()
+        self._start_pending = False
+        #: Jobs handed to the asyncio thread and not answered (for the deadline sweep).
+        self._running: set[Job] = set()
+        self._blocked_warned = False
 
     def _new_loop(self) -> asyncio.AbstractEventLoop:
         if self.loop_kind == "uvloop":
@@ -512,20 +535,52 @@ class AsyncResponder(PooledResponder):
             aloop.run_until_complete(aloop.shutdown_asyncgens())
             aloop.close()
 
+    # -- the server loop's side -------------------------------------------
+
     def _submit(self, job: "Job") -> None:
         assert self._aloop is not None
-        coroutine = run_async_handler(self.app, job.request, self.handler_timeout, job)
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._aloop)
-        job.handle = future
-        future.add_done_callback(lambda done: self._task_done(job, done))
-
-    def _task_done(self, job: "Job", future: Any) -> None:
-        if not future.cancelled():
-            self._post(job, future.result())
+        self._running.add(job)
+        self._incoming.append(job)
+        if not self._start_pending:
+            self._start_pending = True
+            self._aloop.call_soon_threadsafe(self._start_incoming)
 
     def _cancel(self, job: "Job") -> None:
-        if job.handle is not None:
-            job.handle.cancel()
+        self._running.discard(job)
+        task = job.handle
+        if task is not None and self._aloop is not None:
+            self._aloop.call_soon_threadsafe(task.cancel)  # a task is cancelled in its own thread
+
+    def _complete(self, job: "Job", response: Frame) -> None:
+        self._running.discard(job)
+        super()._complete(job, response)
+
+    def _expire(self, now: float) -> None:
+        overdue = now - self.handler_timeout - self.DEADLINE_GRACE
+        for job in [job for job in self._running if job.submitted <= overdue]:
+            if not self._blocked_warned:
+                self._blocked_warned = True
+                log.warning("async handler %s did not return %g s after its deadline: it blocks its event "
+                            "loop (a blocking call in an async def?); such requests are answered "
+                            "handler-error", app_name(self.app), self.DEADLINE_GRACE)
+            self._cancel(job)
+            self._complete(job, deadline_answer(job.request, self.handler_timeout, "its event loop was blocked"))
+
+    # -- the asyncio thread's side ----------------------------------------
+
+    def _start_incoming(self) -> None:
+        self._start_pending = False
+        aloop = self._aloop
+        assert aloop is not None
+        incoming = self._incoming
+        while incoming:
+            job = incoming.popleft()
+            if not job.cancelled:
+                job.handle = aloop.create_task(self._run(job))
+
+    async def _run(self, job: "Job") -> None:
+        response = await run_async_handler(self.app, job.request, self.handler_timeout, job)
+        self._post(job, response)
 
     def close(self, timeout: float) -> None:
         super().close(timeout)

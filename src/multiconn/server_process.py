@@ -59,6 +59,8 @@ class ServerProcess:
         self._listening.wait(timeout)
         if self.port is None:
             status = self.proc.poll()
+            if status is None:
+                self._reader.join(0.5)  # it set the event on its way out
             if status is None and not self._reader.is_alive():  # stderr closed: the exit is moments away
                 try:
                     status = self.proc.wait(5)

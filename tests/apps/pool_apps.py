@@ -58,3 +58,11 @@ class AsyncCallable:
 async_callable = AsyncCallable()
 
 unpicklable = lambda request: request  # noqa: E731  (a lambda cannot be pickled by name)
+
+
+async def async_blocking(request: Frame) -> Frame:
+    """A mistake to guard against: a blocking call inside ``async def``."""
+    verb, arg = _command(request)
+    if verb == "sleep":
+        time.sleep(float(arg))
+    return Frame.binary(request.content)
