@@ -448,6 +448,7 @@ CLOSE_KINDS = (
     ("done", "done"), ("idle timeout", "idle"), ("pending output did not move", "idle"),
     ("recv failed", "reset"), ("send failed", "reset"), ("peer gone", "reset"),
     ("error linger over", "error"), ("peer closed after error", "error"),
+    ("drain linger over", "shutdown"), ("peer closed after drain", "shutdown"),
     ("preamble timed out", "timeout"),
     ("server", "shutdown"), ("aborted", "shutdown"),
     ("internal error", "internal"),

@@ -98,8 +98,10 @@ PAUSE_ENDED = 16      #: the session takes no more input (a fatal error is on it
 OPEN, FINISHING, LINGERING, CLOSED = "open", "finishing", "lingering", "closed"
 
 # What happens to input (`Transport._input`): read it; read what is there and
-# end (server shutdown); no more (EOF, or the drain is done).
-INPUT_OPEN, INPUT_DRAINING, INPUT_ENDED = 0, 1, 2
+# end (server shutdown); no more (EOF); no more, the drain took what there was
+# (the peer has not closed: the close lingers, so its next request is not met
+# by a reset).
+INPUT_OPEN, INPUT_DRAINING, INPUT_ENDED, INPUT_DRAINED = 0, 1, 2, 3
 
 
 class Stage(Protocol):
@@ -244,7 +246,7 @@ class Transport:
             if mask & EVENT_WRITE:
                 self._flush()
             if mask & EVENT_READ and self.state is not CLOSED:
-                if self._input:  # draining, or ended (a stale event)
+                if self._input and self.state is OPEN:  # draining, or ended (a stale event)
                     self._drain_input()
                 else:
                     self._read_once()
@@ -361,10 +363,11 @@ class Transport:
             self.close(f"recv failed: {exc}")
 
     def _on_eof(self) -> None:
+        drained = self._input == INPUT_DRAINED
         self._input = INPUT_ENDED
         if self.state is LINGERING and not self._out:
-            # The error frame is out and our sending side shut down: done.
-            self.close("peer closed after error")
+            # The error frame (or the drained answers) is out and our sending side shut down: done.
+            self.close("peer closed after drain" if drained else "peer closed after error")
             return
         if self.state is LINGERING:
             # The peer will not reset us now: flush the error frame, then close.
@@ -440,8 +443,20 @@ class Transport:
         return self._paused
 
     def finish(self) -> None:
-        """The session is done: flush what is pending, then close."""
+        """The session is done: flush what is pending, then close.
+
+        After a drain (server shutdown) the peer has not closed its side and
+        may be sending its next request right now: the close then lingers as
+        after an error frame, so that request meets a FIN, not a reset.
+        """
         if self.state not in (OPEN, LINGERING):
+            return
+        if self.state is OPEN and self._input == INPUT_DRAINED:
+            self.state = LINGERING
+            if not self._out:
+                self._linger()
+            else:
+                self._update_interest()
             return
         self.state = FINISHING
         if not self._out:
@@ -467,7 +482,8 @@ class Transport:
     def _linger(self) -> None:
         self._paused = 0  # read and discard, so that closing sends no reset
         self._shutdown_write()
-        self.loop.call_later(self.limits.error_linger, self.close, "error linger over")
+        reason = "drain linger over" if self._input == INPUT_DRAINED else "error linger over"
+        self.loop.call_later(self.limits.error_linger, self.close, reason)
         self._update_interest()
 
     def drain(self) -> None:
@@ -482,11 +498,11 @@ class Transport:
             self._drain_input()
 
     def _drain_input(self) -> None:
-        while self.state is OPEN and not self._paused and self._input != INPUT_ENDED:
+        while self.state is OPEN and not self._paused and self._input == INPUT_DRAINING:
             if not self._read_once():
                 break
-        if self.state is OPEN and not self._paused and self._input != INPUT_ENDED:
-            self._input = INPUT_ENDED  # no more input will be taken
+        if self.state is OPEN and not self._paused and self._input == INPUT_DRAINING:
+            self._input = INPUT_DRAINED  # no more input will be taken
             self._update_interest()
             self.session.input_ended("server shutting down")
 
@@ -552,7 +568,7 @@ class Transport:
         """Ask the poller for exactly what this connection can use now."""
         if self.state is CLOSED:
             return
-        reading = not self._paused and self.state is not FINISHING and not (self._input == INPUT_ENDED and self.state is OPEN)
+        reading = not self._paused and self.state is not FINISHING and not (self._input >= INPUT_ENDED and self.state is OPEN)
         self._set_interest((EVENT_READ if reading else 0) | (EVENT_WRITE if self._out else 0))
 
     def _set_interest(self, interest: int) -> None:
