@@ -29,9 +29,10 @@ from multiconn.protocol import Frame, FrameDecoder, encode_frame
 from multiconn.supervisor import available_cpus
 from multiconn.testing import ServerProcess
 
+from helpers import cli_env
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spread, /proc")
 
-APPS = Path(__file__).parent / "apps"
 APP = "worker_apps:app"
 READY = re.compile(r"worker (\d+) ready \(slot (\d+)\)")
 STARTED = re.compile(r"worker (\d+) started \(slot ")
@@ -47,14 +48,6 @@ def app(request):
 '''
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[(\d+)\] [A-Z]+ multiconn\.")
-
-
-def cli_env(*extra: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [*map(str, extra), str(APPS), env.get("PYTHONPATH")]))
-    env["PYTHONDONTWRITEBYTECODE"] = "1"  # a module rewritten within a second is read again
-    env.pop("PYTHONWARNINGS", None)
-    return env
 
 
 @pytest.fixture
