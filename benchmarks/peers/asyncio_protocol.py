@@ -1,16 +1,21 @@
 """Peer: an asyncio Protocol with an incremental frame decoder.
 
     python benchmarks/peers/asyncio_protocol.py --port P --mode framed|raw [--loop asyncio|uvloop]
+        [--tls-cert FILE [--tls-key FILE]]
 
 ``data_received`` feeds a FrameDecoder and answers all the frames that a chunk
 completed with one ``transport.write``.  Backpressure: when the transport's
 write buffer passes its high-water mark, reading from that connection pauses
 until it drains.  Both asyncio and uvloop set TCP_NODELAY on TCP connections.
+
+With ``--tls-cert`` every connection speaks TLS: ``create_server(ssl=context)``,
+the context made as ``multiconn serve --tls-cert`` makes its own (the loop's
+own SSL transport then encrypts and decrypts under the same protocol).
 """
 
 import asyncio
 
-from framing import BACKLOG, FrameDecoder, echo, error_frame, parse_args
+from framing import BACKLOG, FrameDecoder, echo, error_frame, parse_args, server_ssl_context
 
 
 class RawEcho(asyncio.Protocol):
@@ -44,13 +49,14 @@ class FramedEcho(RawEcho):
 async def main(args):
     loop = asyncio.get_running_loop()
     protocol = FramedEcho if args.mode == "framed" else RawEcho
-    server = await loop.create_server(protocol, args.host, args.port, backlog=BACKLOG)
+    server = await loop.create_server(protocol, args.host, args.port, backlog=BACKLOG,
+                                      ssl=server_ssl_context(args))
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    args = parse_args(__doc__, loops=True)
+    args = parse_args(__doc__, loops=True, tls=True)
     if args.loop == "uvloop":
         import uvloop
         uvloop.run(main(args))

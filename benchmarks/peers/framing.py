@@ -111,7 +111,7 @@ class FrameDecoder:
         return frames
 
 
-def parse_args(doc, loops=False):
+def parse_args(doc, loops=False, tls=False):
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
@@ -119,4 +119,26 @@ def parse_args(doc, loops=False):
                         help="framed: the echo application; raw: bytes echoed as they arrive")
     if loops:
         parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
-    return parser.parse_args()
+    if tls:
+        parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain (PEM)")
+        parser.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM; default: in the cert file)")
+    args = parser.parse_args()
+    if tls and args.tls_key and not args.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
+    return args
+
+
+def server_ssl_context(args):
+    """The server-side SSLContext for --tls-cert/--tls-key, or None without them.
+
+    Made exactly as ``multiconn serve --tls-cert`` makes its own
+    (``create_default_context(Purpose.CLIENT_AUTH)`` + ``load_cert_chain``), so
+    that the peers negotiate the same protocol version, cipher suites, key
+    exchange groups and session tickets as multiconn.
+    """
+    if not getattr(args, "tls_cert", None):
+        return None
+    import ssl
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(args.tls_cert, args.tls_key)
+    return context
