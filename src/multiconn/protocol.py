@@ -245,6 +245,11 @@ def _object_pairs(pairs: list[tuple[str, Any]]) -> _HeaderObject:
     return obj
 
 
+#: One decoder for every header: ``json.loads`` with keyword arguments builds a
+#: new ``JSONDecoder`` per call, which is most of the cost of a small header.
+_HEADER_DECODER = json.JSONDecoder(object_pairs_hook=_object_pairs, parse_constant=_reject_constant)
+
+
 def _fail(code: str, message: str, request_id: Any = None) -> ProtocolError:
     return ProtocolError(code, message, request_id)
 
@@ -261,7 +266,7 @@ def parse_header(raw: bytes) -> tuple[dict[str, Any], int, Any]:
     except UnicodeDecodeError:
         raise _fail(ErrorCode.BAD_HEADER, "header is not valid UTF-8") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_object_pairs, parse_constant=_reject_constant)
+        obj = _HEADER_DECODER.decode(text)
     except (ValueError, RecursionError):
         raise _fail(ErrorCode.BAD_HEADER, "header is not valid JSON") from None
     # object_pairs_hook makes every JSON object a _HeaderObject.
@@ -489,6 +494,10 @@ class FrameDecoder:
 
 _BYTEORDER = sys.byteorder
 _prefix_cache: dict[tuple[Any, ...], bytes] = {}
+#: Answers with ids: the JSON text of the rest of the header, without its closing brace.
+_id_template_cache: dict[tuple[Any, ...], str] = {}
+#: One encoder for every header (``json.dumps`` with keywords builds one per call).
+_HEADER_ENCODER = json.JSONEncoder(ensure_ascii=False)
 
 
 def encode_header(header: dict[str, Any], content_length: int) -> bytes:
@@ -504,11 +513,10 @@ def encode_header(header: dict[str, Any], content_length: int) -> bytes:
         key, prefix = None, None
     if prefix is not None:
         return prefix
-    full: dict[str, Any] = {"byteorder": _BYTEORDER}
-    full.update(header)
-    full["byteorder"] = _BYTEORDER
-    full["content-length"] = content_length
-    raw = json.dumps(full, ensure_ascii=False).encode("utf-8")
+    request_id = header.get("id")
+    if request_id is not None and key is not None:
+        return _encode_with_id(header, content_length, request_id)
+    raw = _HEADER_ENCODER.encode(_full_header(header, content_length)).encode("utf-8")
     if len(raw) > MAX_HEADER_LENGTH:
         raise ValueError(f"encoded header is {len(raw)} bytes, more than {MAX_HEADER_LENGTH}")
     prefix = _HLEN.pack(len(raw)) + raw
@@ -518,6 +526,38 @@ def encode_header(header: dict[str, Any], content_length: int) -> bytes:
             _prefix_cache.clear()
         _prefix_cache[key] = prefix
     return prefix
+
+
+def _full_header(header: dict[str, Any], content_length: int) -> dict[str, Any]:
+    full: dict[str, Any] = {"byteorder": _BYTEORDER}
+    full.update(header)
+    full["byteorder"] = _BYTEORDER
+    full["content-length"] = content_length
+    return full
+
+
+def _encode_with_id(header: dict[str, Any], content_length: int, request_id: Any) -> bytes:
+    """An answer's header, whose id changes with every request: the rest is
+    encoded once and cached as JSON text; the id is spliced in as the last key
+    (the protocol leaves key order free)."""
+    rest = tuple(item for item in header.items() if item[0] != "id")
+    key = (*rest, content_length)
+    text = _id_template_cache.get(key)
+    if text is None:
+        text = _HEADER_ENCODER.encode(_full_header(dict(rest), content_length))[:-1]
+        # As in encode_header: only all-string headers are cached (True, 1 and 1.0 are equal keys).
+        if all(type(value) is str for _, value in rest):
+            if len(_id_template_cache) >= _HEADER_CACHE_SIZE:
+                _id_template_cache.clear()
+            _id_template_cache[key] = text
+    if type(request_id) is int:
+        id_text = str(request_id)
+    else:
+        id_text = _HEADER_ENCODER.encode(request_id)
+    raw = (text + ', "id": ' + id_text + "}").encode("utf-8")
+    if len(raw) > MAX_HEADER_LENGTH:
+        raise ValueError(f"encoded header is {len(raw)} bytes, more than {MAX_HEADER_LENGTH}")
+    return _HLEN.pack(len(raw)) + raw
 
 
 def encode_frame(frame: Frame) -> bytes:
