@@ -10,8 +10,13 @@ details. It is a plain, picklable record, so a process pool's workers get it too
 from __future__ import annotations
 
 import inspect
+import socket
+import ssl
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+if TYPE_CHECKING:
+    from .proxy import ProxyHeader
 
 Address = tuple[str, int]
 
@@ -76,3 +81,29 @@ class WithConnection:
 
     def __repr__(self) -> str:
         return getattr(self.app, "__qualname__", None) or repr(self.app)
+
+
+def build_connection_info(sock: socket.socket, header: ProxyHeader | None) -> ConnectionInfo:
+    """A `ConnectionInfo` from the socket and the PROXY header (if any)."""
+    def address(get: Callable[[], Any]) -> Any:
+        try:
+            value = get()
+        except OSError:
+            return None
+        return tuple(value[:2]) if isinstance(value, tuple) else value
+
+    socket_peer, local = address(sock.getpeername), address(sock.getsockname)
+    peer = socket_peer
+    proxied = False
+    tlvs: dict[int, bytes] = {}
+    if header is not None:
+        tlvs = dict(header.tlvs)
+        if header.source is not None:
+            peer, local, proxied = header.source, header.destination, True
+    tls_version = tls_cipher = alpn = None
+    if isinstance(sock, ssl.SSLSocket):
+        tls_version = sock.version()
+        cipher = sock.cipher()
+        tls_cipher = cipher[0] if cipher else None
+        alpn = sock.selected_alpn_protocol()
+    return ConnectionInfo(peer, local, proxied, socket_peer, tls_version, tls_cipher, alpn, tlvs)

@@ -59,13 +59,12 @@ import fcntl
 import logging
 import os
 import socket
-import ssl
 import struct
 import termios
 from collections import deque
 from typing import Any, Callable, Protocol, Sequence
 
-from .connection_info import ConnectionInfo, format_address
+from .connection_info import ConnectionInfo, build_connection_info, format_address
 from .errors import WOULD_BLOCK
 from .limits import Limits
 from .loop import EVENT_READ, EVENT_WRITE, EventLoop
@@ -712,7 +711,7 @@ class Transport:
         return built
 
     def __repr__(self) -> str:
-        return f"<connection {format_peer(self.client)} {self.state}>"
+        return f"<connection {format_address(self.client)} {self.state}>"
 
 
 def _consume(out: deque[Any], sent: int) -> None:
@@ -731,32 +730,3 @@ def _first(items: deque[Any], count: int) -> Any:
     if len(items) <= count:
         return items
     return (items[i] for i in range(count))
-
-
-def build_connection_info(sock: socket.socket, header: ProxyHeader | None) -> ConnectionInfo:
-    """A `ConnectionInfo` from the socket and the PROXY header (if any)."""
-    def address(get: Callable[[], Any]) -> Any:
-        try:
-            value = get()
-        except OSError:
-            return None
-        return tuple(value[:2]) if isinstance(value, tuple) else value
-
-    socket_peer, local = address(sock.getpeername), address(sock.getsockname)
-    peer = socket_peer
-    proxied = False
-    tlvs: dict[int, bytes] = {}
-    if header is not None:
-        tlvs = dict(header.tlvs)
-        if header.source is not None:
-            peer, local, proxied = header.source, header.destination, True
-    tls_version = tls_cipher = alpn = None
-    if isinstance(sock, ssl.SSLSocket):
-        tls_version = sock.version()
-        cipher = sock.cipher()
-        tls_cipher = cipher[0] if cipher else None
-        alpn = sock.selected_alpn_protocol()
-    return ConnectionInfo(peer, local, proxied, socket_peer, tls_version, tls_cipher, alpn, tlvs)
-
-
-format_peer = format_address
