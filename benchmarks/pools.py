@@ -66,6 +66,8 @@ import time
 from array import array
 from dataclasses import dataclass, field
 
+from benchutil import QUIET_BUSY_PCT, cpu_model, git_revision, wait_for_quiet
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, "peers")
@@ -75,7 +77,6 @@ TICK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT = 20.0    # a server must accept connections within this
 STOP_GRACE = 5.0        # SIGTERM, then SIGKILL of the session after this
 DRAIN_TIMEOUT = 3.0     # after the window, answers still awaited for this long
-QUIET_BUSY_PCT = 30.0   # before a run, wait until the CPUs are below this busy...
 QUIET_MAX_WAIT = 60.0   # ...for at most this many seconds
 RECV_SIZE = 65536
 
@@ -218,29 +219,6 @@ def busy_seconds():
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:9]]
     return (sum(v) - v[3] - v[4] - v[7]) / TICK
-
-
-def per_cpu_busy():
-    busy = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3].isdigit():
-                name, *fields = line.split()
-                v = [int(x) for x in fields[:8]]
-                busy[int(name[3:])] = sum(v) - v[3] - v[4] - v[7]
-    return busy
-
-
-def wait_for_quiet(cpus):
-    """Wait (up to QUIET_MAX_WAIT) until the CPUs are nearly idle; the last busy % of the busiest."""
-    deadline = time.monotonic() + QUIET_MAX_WAIT
-    while True:
-        before, t0 = per_cpu_busy(), time.monotonic()
-        time.sleep(0.5)
-        after, elapsed = per_cpu_busy(), time.monotonic() - t0
-        busiest = max(100.0 * (after[c] - before[c]) / TICK / elapsed for c in cpus)
-        if busiest < QUIET_BUSY_PCT or time.monotonic() > deadline:
-            return busiest
 
 
 def self_cpu():
@@ -546,7 +524,7 @@ def run_one(scenario, server, variant, args, env):
     """One fresh server, one load; a record of the figures or of the error."""
     record = {"scenario": scenario.name, "server": server.name, "variant": variant}
     server_cpu, load_cpu = (args.cpus[0], args.cpus[1]) if scenario.pinned and args.cpus else (None, None)
-    record["busy_before_pct"] = wait_for_quiet(args.all_cpus)
+    record["busy_before_pct"] = wait_for_quiet(args.all_cpus, QUIET_MAX_WAIT)
     groups = groups_for(scenario, variant)
     run = None
     previous_affinity = os.sched_getaffinity(0)
@@ -814,32 +792,6 @@ def build_report(args, meta, records):
 
 
 # --- main -----------------------------------------------------------------------------------------------
-
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_revision(multiconn_dir):
-    """The commit, and where the multiconn that ran came from when that is not this commit's src/."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    ours = os.path.join(ROOT, "src", "multiconn")
-    if os.path.realpath(multiconn_dir) != os.path.realpath(ours):
-        return f"{head}; multiconn imported from `{multiconn_dir}`"
-    return f"{head} (src/ had uncommitted changes: the servers ran the working tree)" if dirty else head
-
 
 def has_pool_flags(env):
     probe = subprocess.run([sys.executable, "-m", "multiconn", "serve", "--help"], cwd=ROOT, env=env,

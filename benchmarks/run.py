@@ -34,6 +34,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from benchutil import QUIET_BUSY_PCT, cpu_model, git_revision, per_cpu_busy, wait_for_quiet
+
 try:
     from multiconn.procstats import process_cpu_seconds, process_peak_rss_bytes
 except ImportError:
@@ -46,7 +48,6 @@ HOST = "127.0.0.1"
 BENCH = [sys.executable, "-m", "multiconn", "bench"]  # the load generator
 TICK = os.sysconf("SC_CLK_TCK")
 
-QUIET_BUSY_PCT = 30.0   # before a run, wait until both benchmark CPUs are below this...
 QUIET_MAX_WAIT = 20.0   # ...for at most this many seconds
 START_TIMEOUT = 20.0    # a server must accept connections within this
 STOP_GRACE = 5.0        # SIGTERM, then SIGKILL after this
@@ -143,28 +144,6 @@ def parse_args(argv=None):
 
 # --- the machine ----------------------------------------------------------------------------------
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_revision():
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head} (with uncommitted changes)" if head and dirty else (head or "unknown")
-
-
 def raise_nofile_limit():
     """1,000 connections need more descriptors than the usual soft limit; children inherit it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -173,30 +152,6 @@ def raise_nofile_limit():
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-def per_cpu_busy():
-    """{cpu: busy jiffies} from /proc/stat (everything but idle, iowait and steal)."""
-    busy = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3].isdigit():
-                name, *fields = line.split()
-                v = [int(x) for x in fields[:8]]
-                busy[int(name[3:])] = sum(v) - v[3] - v[4] - v[7]
-    return busy
-
-
-def wait_for_quiet(cpus):
-    """Wait (up to QUIET_MAX_WAIT) until the benchmark CPUs are nearly idle; return the last busy %."""
-    deadline = time.monotonic() + QUIET_MAX_WAIT
-    while True:
-        before, t0 = per_cpu_busy(), time.monotonic()
-        time.sleep(0.5)
-        after, elapsed = per_cpu_busy(), time.monotonic() - t0
-        busiest = max(100.0 * (after[c] - before[c]) / TICK / elapsed for c in cpus)
-        if busiest < QUIET_BUSY_PCT or time.monotonic() > deadline:
-            return busiest
 
 
 def server_cpu_seconds(pid):
@@ -324,7 +279,7 @@ def run_one(args, server, scenario, cpus, quiet_cpus):
     """Fresh server, warmup, measured window.  Returns a record; never leaves the server running."""
     server_cpu, load_cpu = cpus
     record = {"server": server.name, "scenario": scenario.name, "started": time.time(),
-              "busy_before_pct": round(wait_for_quiet(quiet_cpus), 1)}
+              "busy_before_pct": round(wait_for_quiet(quiet_cpus, QUIET_MAX_WAIT), 1)}
     with tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False) as f:
         stderr_path = f.name
     proc = None
@@ -356,7 +311,7 @@ def run_one(args, server, scenario, cpus, quiet_cpus):
         if server_cpu is not None:  # busy time on the two CPUs that was neither the server's nor the load's
             for key, cpu, ours in (("other_load_server_cpu_pct", server_cpu, server_s),
                                    ("other_load_load_cpu_pct", load_cpu, load_s)):
-                other = (busy_after[cpu] - busy_before[cpu]) / TICK - ours
+                other = (busy_after[cpu] - busy_before[cpu]) - ours
                 record[key] = round(max(0.0, 100 * other / wall), 1)
     except (RuntimeError, OSError) as exc:
         record["error"] = str(exc)

@@ -89,6 +89,8 @@ import time
 from array import array
 from dataclasses import dataclass
 
+from benchutil import QUIET_BUSY_PCT, cpu_model, git_revision, per_cpu_busy, wait_for_quiet
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEER = os.path.join(HERE, "peers", "asyncio_protocol.py")
@@ -101,7 +103,6 @@ STOP_GRACE = 5.0         # SIGTERM, then SIGKILL of the server's session after t
 SETUP_TIMEOUT = 30.0     # the load processes must have connected (ping-pong) within this
 DRAIN_TIMEOUT = 3.0      # after the window, answers still awaited for this long
 STALL_TIMEOUT = 10.0     # a handshake cycle (or an answer) that takes longer is an error
-QUIET_BUSY_PCT = 30.0    # before a run, wait until both CPUs are below this busy...
 QUIET_MAX_WAIT = 60.0    # ...for at most this many seconds
 SATURATED_PCT = 90.0     # a server this busy limited the rate...
 LOAD_BOUND_PCT = 85.0    # ...and a load generator this busy (with the server less so) did
@@ -184,60 +185,10 @@ def self_cpu():
     return t.user + t.system
 
 
-def per_cpu_busy():
-    """{cpu: busy seconds so far} from /proc/stat (everything but idle, iowait and steal)."""
-    busy = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3].isdigit():
-                name, *fields = line.split()
-                v = [int(x) for x in fields[:8]]
-                busy[int(name[3:])] = (sum(v) - v[3] - v[4] - v[7]) / TICK
-    return busy
-
-
-def wait_for_quiet(cpus, limit):
-    """Wait (up to `limit` s) until the CPUs are nearly idle; the last busy % of the busiest."""
-    deadline = time.monotonic() + limit
-    while True:
-        before, t0 = per_cpu_busy(), time.monotonic()
-        time.sleep(0.5)
-        after, elapsed = per_cpu_busy(), time.monotonic() - t0
-        busiest = max(100.0 * (after[c] - before[c]) / elapsed for c in cpus)
-        if busiest < QUIET_BUSY_PCT or time.monotonic() > deadline:
-            return busiest
-
-
 def free_port():
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def cpu_model():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_revision(multiconn_dir):
-    """The commit, and whether src/ (what the servers ran) differed from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    ours = os.path.join(ROOT, "src", "multiconn")
-    if os.path.realpath(multiconn_dir) != os.path.realpath(ours):
-        return f"{head}; multiconn imported from `{multiconn_dir}`"
-    return f"{head} (src/ had uncommitted changes: the servers ran the working tree)" if dirty else head
 
 
 # --- the certificate ------------------------------------------------------------------------------------
