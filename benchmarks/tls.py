@@ -89,6 +89,8 @@ import time
 from array import array
 from dataclasses import dataclass
 
+from multiconn.procstats import process_cpu_seconds as cpu_seconds
+
 from benchutil import QUIET_BUSY_PCT, cpu_model, git_revision, per_cpu_busy, wait_for_quiet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -167,17 +169,6 @@ SCENARIOS = (
 
 def log(message):
     print(message, file=sys.stderr, flush=True)
-
-
-def cpu_seconds(pid):
-    """utime + stime of a process (all its threads), or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def self_cpu():

@@ -1206,3 +1206,50 @@ def test_held_answers_then_the_fatal_error_in_order(start_server: Any, open_raw:
     assert all(bytes(a.content) == big for a in answers)
     assert_error_frame(error, ErrorCode.BAD_HEADER_LENGTH)
     conn.expect_eof()
+
+
+def test_a_preamble_stage_that_raises_costs_only_its_connection(caplog: pytest.LogCaptureFixture) -> None:
+    """Transport.watch runs a stage's step under the same guard as the
+    transport's own events: a bug in a stage closes that connection, logged,
+    and the loop (the server) goes on."""
+    from multiconn.loop import EVENT_READ
+    from multiconn.session import RawEchoSession
+    from multiconn.transport import Transport as _Transport
+
+    class Broken:
+        def __init__(self, transport: Any) -> None:
+            self.transport = transport
+
+        def start(self) -> None:
+            self.transport.watch(EVENT_READ, self.step)
+
+        def step(self) -> None:
+            raise RuntimeError("a bug in a stage")
+
+    class Owner:
+        def __init__(self) -> None:
+            self.closed: list[str] = []
+
+        def connection_closed(self, transport: Any, reason: str) -> None:
+            self.closed.append(reason)
+
+        def output_paused(self, transport: Any) -> None:
+            pass
+
+    owner = Owner()
+    with EventLoop() as loop:
+        server_side, client = socket.socketpair()
+        with client:
+            transport = _Transport(server_side, loop, Limits(), owner, (Broken,))
+            transport.attach(RawEchoSession(transport))
+            client.sendall(b"x")
+            loop.call_later(0.5, loop.stop)
+            with caplog.at_level(logging.ERROR, logger="multiconn"):
+                loop.run_forever()
+            assert owner.closed == ["internal error"]
+            try:  # closed: with our byte unread, by a reset
+                assert client.recv(10) == b""
+            except ConnectionResetError:
+                pass
+    assert "unexpected error" in caplog.text and "a bug in a stage" in caplog.text
+    caplog.clear()  # the error above is this test's point, not a server bug

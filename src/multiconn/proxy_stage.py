@@ -77,13 +77,7 @@ class ProxyProtocolStage:
         if not is_trusted(host, self.trusted):
             transport.reject(f"PROXY header expected from a trusted network; {host or peer} is not trusted")
             return
-        transport.watch(EVENT_READ, self._on_events)
-
-    def _on_events(self, mask: int) -> None:
-        try:
-            self._step()
-        except Exception:  # a bug must cost this connection, not the server
-            self.transport._internal_error()
+        transport.watch(EVENT_READ, self._step)
 
     def _step(self) -> None:
         transport = self.transport

@@ -44,7 +44,6 @@ is a bug, raised as `LocalProtocolError`)::
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, cast
@@ -294,7 +293,7 @@ class FramedSession:
             error, self._error = self._error, None
             assert error is not None
             if self.context.metrics is not None:
-                self.context.metrics.fatal_error(json.loads(error.content)["error"]["code"])
+                self.context.metrics.fatal_error(error.error_info[0])  # type: ignore[index]
             self.transport.write(encode_header(error.header, len(error.content)) + error.content)
             self.transport.fail()
         else:

@@ -60,12 +60,6 @@ class TLSHandshake:
     def start(self) -> None:
         self._step()
 
-    def _on_events(self, mask: int) -> None:
-        try:
-            self._step()
-        except Exception:  # a bug must cost this connection, not the server
-            self.transport._internal_error()
-
     def _step(self) -> None:
         transport = self.transport
         sock = transport.sock
@@ -73,10 +67,10 @@ class TLSHandshake:
         try:
             sock.do_handshake()
         except ssl.SSLWantReadError:
-            transport.watch(EVENT_READ, self._on_events)
+            transport.watch(EVENT_READ, self._step)
             return
         except ssl.SSLWantWriteError:
-            transport.watch(EVENT_WRITE, self._on_events)
+            transport.watch(EVENT_WRITE, self._step)
             return
         except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc.strerror or str(exc) or type(exc).__name__

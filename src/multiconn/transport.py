@@ -212,12 +212,22 @@ class Transport:
         if self.session is not None and self.state is OPEN:
             self._on_events(EVENT_READ)  # bytes may be waiting already (or inside TLS)
 
-    def watch(self, interest: int, callback: Callable[[int], None]) -> None:
-        """For a preamble stage: call `callback(mask)` when the socket is ready for `interest`."""
+    def watch(self, interest: int, step: Callable[[], None]) -> None:
+        """For a preamble stage: call `step()` when the socket is ready for `interest`.
+
+        An exception out of `step` is a bug: it costs this connection (logged,
+        closed), never the server, as on the transport's own events.
+        """
+        def on_events(mask: int) -> None:
+            try:
+                step()
+            except Exception:
+                self._internal_error()
+
         if self._interest:
-            self.loop.modify(self.sock, interest, callback)
+            self.loop.modify(self.sock, interest, on_events)
         else:
-            self.loop.register(self.sock, interest, callback)
+            self.loop.register(self.sock, interest, on_events)
         self._interest = interest
 
     def reject(self, reason: str, *, linger: bool = True) -> None:
