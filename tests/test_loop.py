@@ -416,6 +416,37 @@ def test_injected_clock_timer_does_not_fire_before_its_time() -> None:
         assert fired == []
 
 
+class TimeoutRecordingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """The default selector, noting every timeout the loop waits with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[float | None] = []
+
+    def select(self, timeout: float | None = None) -> Any:
+        self.timeouts.append(timeout)
+        return super().select(timeout)
+
+
+def test_a_timer_that_fell_due_during_callbacks_does_not_wait_for_the_poll() -> None:
+    """The timeout comes from the iteration's clock reading; a timer due within
+    CLOCK_RECHECK of it is measured against a fresh one, so a timer that fell
+    due while callbacks ran gets a zero timeout, not the poll's rounded-up ms."""
+    clock = FakeClock(0.0)
+    selector = TimeoutRecordingSelector()
+    with EventLoop(clock=clock, selector=selector) as loop:
+        fired: list[float] = []
+
+        def slow_callback() -> None:
+            loop.call_later(0.001, lambda: (fired.append(clock.now), loop.stop()))
+            clock.advance(0.01)  # the callback "runs" 10 ms, past the timer's 1 ms
+
+        loop.call_soon(slow_callback)
+        loop.run_forever()
+    assert fired == [0.01]
+    assert selector.timeouts == [0.0, 0.0]  # the ready call, then the due timer
+
+
 # -- signals ----------------------------------------------------------------
 
 

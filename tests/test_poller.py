@@ -51,7 +51,7 @@ def pairs() -> Iterator[Callable[[], tuple[socket.socket, socket.socket]]]:
 
 
 def poll_once(poller: Poller, timeout: float = 1.0) -> None:
-    poller.dispatch(poller.poll(timeout))
+    poller.dispatch(poller.poll(timeout, poller.max_events))
 
 
 def test_readable_reports_event_read(poller: Poller, pairs: Any) -> None:
@@ -213,7 +213,26 @@ def test_poll_waits_at_least_its_timeout(poller: Poller, pairs: Any) -> None:
     poller.register(a, EVENT_READ, print)
     for timeout in (0.0004, 0.002):
         start = time.monotonic()
-        assert list(poller.poll(timeout)) == []
+        assert list(poller.poll(timeout, poller.max_events)) == []
         assert time.monotonic() - start >= timeout
-    assert list(poller.poll(0)) == []
-    assert list(poller.poll(-1.0)) == []  # a negative timeout does not block
+    assert list(poller.poll(0, poller.max_events)) == []
+
+
+@pytest.mark.skipif(not hasattr(select, "epoll"), reason="epoll only")
+def test_epoll_asks_for_as_many_events_as_there_are_registrations(pairs: Any) -> None:
+    """epoll's event buffer is allocated per poll: sized by the registrations,
+    it stays small (CPython's small-object allocator) for a few connections."""
+    poller = EpollPoller()
+    try:
+        assert poller.max_events == 1
+        socks = [pairs()[0] for _ in range(3)]
+        for sock in socks:
+            poller.register(sock, EVENT_READ, print)
+        assert poller.max_events == 3
+        poller.unregister(socks[0])
+        assert poller.max_events == 2
+        for sock in socks[1:]:
+            poller.unregister(sock)
+        assert poller.max_events == 1
+    finally:
+        poller.close()

@@ -41,6 +41,9 @@ __all__ = ["EVENT_READ", "EVENT_WRITE", "EventCallback", "EventLoop", "TimerHand
 
 #: Longest a select() blocks when no timer is due, so a stop is never missed.
 MAX_SELECT_TIMEOUT = 3600.0
+#: A timer due sooner than this (by the iteration's clock reading) is
+#: measured against a fresh one; see `EventLoop.run_forever`.
+CLOCK_RECHECK = 0.002
 
 
 class TimerHandle:
@@ -170,15 +173,61 @@ class EventLoop:
     # -- running ----------------------------------------------------------
 
     def run_forever(self) -> None:
-        """Run until `stop` is called."""
+        """Run until `stop` is called: wait, dispatch, run due timers and queued calls.
+
+        Under light load every request is an iteration of its own, so the
+        iteration's fixed cost is paid per request, and this loop is written
+        for that (benchmarks/results/micro.md has the instruction counts):
+
+        - an iteration is not a method call of its own, and what it uses is
+          looked up once, before the first. Even a call that never runs
+          (a helper for the ready queue) made every iteration dearer;
+        - the clock is read once per iteration, after the wait. The timeout
+          is computed from that reading of the previous iteration, so a timer
+          can fire late by as long as that iteration's callbacks ran, never
+          early; a timer due within `CLOCK_RECHECK` is measured against a
+          fresh reading, so one already due does not wait out the poll's
+          rounding up to a whole millisecond;
+        - no ``min``/``max`` builtins (they parse keyword arguments on every
+          call); the timer and ready-queue steps cost a truth test when there
+          is nothing for them.
+        """
         if self._running:
             raise RuntimeError("the loop is already running")
         self._running = True
         self._stopping = False
         self._thread_id = threading.get_ident()
+        timers, ready, clock, poller = self._timers, self._ready, self.clock, self._poller
+        poll, dispatch = poller.poll, poller.dispatch
         try:
             while not self._stopping:
-                self._run_once()
+                if ready:
+                    timeout = 0.0
+                elif timers:
+                    timeout = timers[0].when - self.now
+                    if timeout > MAX_SELECT_TIMEOUT:
+                        timeout = MAX_SELECT_TIMEOUT
+                    elif timeout < CLOCK_RECHECK:
+                        timeout = timers[0].when - clock()
+                        if timeout < 0.0:
+                            timeout = 0.0
+                else:
+                    timeout = MAX_SELECT_TIMEOUT
+                events = poll(timeout, poller.max_events)
+                self.now = now = clock()
+                dispatch(events)
+                if timers and timers[0].when <= now:
+                    while timers and timers[0].when <= now:
+                        handle = heapq.heappop(timers)
+                        if not handle.cancelled:
+                            ready.append((handle.callback, handle.args))
+                if ready:
+                    for _ in range(len(ready)):  # what these queue waits for the next iteration
+                        callback, args = ready.popleft()
+                        try:
+                            callback(*args)
+                        except Exception:
+                            log.exception("callback %r failed", callback)
         finally:
             self._running = False
             self._stopping = False
@@ -187,41 +236,6 @@ class EventLoop:
         """Make `run_forever` return after the current iteration (thread-safe)."""
         self._stopping = True
         self._wake()
-
-    def _run_once(self) -> None:
-        """One iteration: wait, dispatch, run due timers and queued calls.
-
-        Under light load every request is an iteration of its own, so its
-        fixed cost is paid per request: no ``min``/``max`` builtins (they parse
-        keyword arguments on every call), a negative timeout is the poller's
-        to clamp, and the timer and ready-queue steps cost a truth test when
-        there is nothing for them.
-        """
-        timers = self._timers
-        if self._ready:
-            timeout = 0.0
-        elif timers:
-            timeout = timers[0].when - self.clock()
-            if timeout > MAX_SELECT_TIMEOUT:
-                timeout = MAX_SELECT_TIMEOUT
-        else:
-            timeout = MAX_SELECT_TIMEOUT
-        events = self._poller.poll(timeout)
-        self.now = now = self.clock()
-        self._poller.dispatch(events)
-        if timers and timers[0].when <= now:
-            while timers and timers[0].when <= now:
-                handle = heapq.heappop(timers)
-                if not handle.cancelled:
-                    self._ready.append((handle.callback, handle.args))
-        ready = self._ready
-        if ready:
-            for _ in range(len(ready)):
-                callback, args = ready.popleft()
-                try:
-                    callback(*args)
-                except Exception:
-                    log.exception("callback %r failed", callback)
 
     def close(self) -> None:
         """Release the selector and the wake-up sockets (idempotent)."""

@@ -40,8 +40,8 @@ EVENT_WRITE = selectors.EVENT_WRITE
 
 EventCallback = Callable[[int], None]
 
-#: The most events one `EpollPoller.poll` returns; more wait for the next one.
-MAX_EVENTS = 1024
+#: The most events one poll asks for (``select.epoll``'s own default).
+MAX_EVENTS = 1023
 
 
 class Poller(Protocol):
@@ -51,7 +51,16 @@ class Poller(Protocol):
     def modify(self, fileobj: Any, events: int, callback: EventCallback) -> None: ...
     def unregister(self, fileobj: Any) -> None: ...
     def is_registered(self, fileobj: Any) -> bool: ...
-    def poll(self, timeout: float | None) -> Iterable[Any]: ...
+    #: What to pass `poll` as `max_events`: for epoll, the registrations (at
+    #: least 1, at most MAX_EVENTS), so that its event buffer stays small.
+    max_events: int
+
+    def poll(self, timeout: float | None, max_events: int, /) -> Iterable[Any]:
+        """Wait up to `timeout` seconds, at least 0 (None: until something is
+        ready), for at most `max_events` events (more stay ready for the next
+        call). A negative timeout is the caller's to clamp: epoll reads it as
+        forever, where a selector reads it as "do not block"."""
+
     def dispatch(self, events: Iterable[Any]) -> None: ...
     def close(self) -> None: ...
 
@@ -100,7 +109,10 @@ class SelectorPoller:
             return False
         return True
 
-    def poll(self, timeout: float | None) -> list[tuple[selectors.SelectorKey, int]]:
+    #: Selectors size their own batch: `poll` ignores its `max_events`.
+    max_events = MAX_EVENTS
+
+    def poll(self, timeout: float | None, max_events: int = MAX_EVENTS, /) -> list[tuple[selectors.SelectorKey, int]]:
         return self._selector.select(timeout)
 
     def dispatch(self, events: Iterable[tuple[selectors.SelectorKey, int]]) -> None:
@@ -123,11 +135,21 @@ class SelectorPoller:
 class EpollPoller:
     """`select.epoll` with a dict of callbacks by descriptor (Linux)."""
 
+    #: ``select.epoll.poll`` itself, bound: under light load every request is
+    #: a poll of its own, and a Python method around it cost about 4 % of a
+    #: raw echo's instructions (benchmarks/results/micro.md). It rounds a
+    #: timeout up to whole milliseconds (a wait for a timer 0.4 ms away does
+    #: not return at once and spin), retries on EINTR (PEP 475) and reads a
+    #: negative timeout as forever. It allocates its buffer of `max_events`
+    #: events per call: a few come from CPython's small-object allocator,
+    #: hundreds from malloc, which is worth it only when that many may be ready.
+    poll: Callable[[float | None, int], list[tuple[int, int]]]
+
     def __init__(self) -> None:
         self._epoll = select.epoll()
+        self.poll = self._epoll.poll
+        self.max_events = 1
         self._callbacks: dict[int, EventCallback] = {}
-        #: ``maxevents`` for `poll`: the registrations, at least 1, at most MAX_EVENTS.
-        self._max_events = 1
         # fd -> (file object, interest in EVENT_* terms), for the rarer paths.
         self._registered: dict[int, tuple[Any, int]] = {}
 
@@ -139,7 +161,7 @@ class EpollPoller:
         self._epoll.register(fd, _epoll_mask(events))
         self._registered[fd] = (fileobj, events)
         self._callbacks[fd] = callback
-        self._max_events = min(len(self._callbacks), MAX_EVENTS)
+        self.max_events = min(len(self._callbacks), MAX_EVENTS)
 
     def modify(self, fileobj: Any, events: int, callback: EventCallback) -> None:
         fd = self._registered_fd(fileobj)
@@ -157,7 +179,7 @@ class EpollPoller:
             return
         del self._registered[fd]
         del self._callbacks[fd]
-        self._max_events = max(1, min(len(self._callbacks), MAX_EVENTS))
+        self.max_events = max(1, min(len(self._callbacks), MAX_EVENTS))
         try:
             self._epoll.unregister(fd)
         except OSError:
@@ -177,23 +199,6 @@ class EpollPoller:
                     return fd
             return None
         return fd if fd in self._registered else None
-
-    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
-        """Wait up to `timeout` seconds (None: forever; <= 0: not at all).
-
-        ``epoll.poll`` itself rounds a timeout up to whole milliseconds (a
-        wait for a timer 0.4 ms away must not return at once and spin), and
-        asks for at most `MAX_EVENTS` events: the rest stay ready for the next
-        call, and the buffer it allocates per call stays small.
-        """
-        if timeout is None:
-            timeout = -1
-        elif timeout <= 0:
-            timeout = 0
-        try:
-            return self._epoll.poll(timeout, self._max_events)
-        except InterruptedError:
-            return []
 
     def dispatch(self, events: Iterable[tuple[int, int]]) -> None:
         callbacks = self._callbacks
