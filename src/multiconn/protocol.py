@@ -322,7 +322,8 @@ class FrameDecoder:
     frames carry that buffer (a ``bytearray``) as their content.
     """
 
-    __slots__ = ("max_content", "_buffer", "_pending", "_error", "_content", "_filled", "buffers")
+    __slots__ = ("max_content", "_buffer", "_pending", "_error", "_content", "_filled", "buffers",
+                 "has_partial")
 
     # Shared by every decoder: the headers of one stream, and of many
     # connections of one client program, are the same bytes again and again.
@@ -340,11 +341,12 @@ class FrameDecoder:
         # The content of a large frame being received in place, and its fill.
         self._content: bytearray | None = None
         self._filled = 0
-
-    @property
-    def has_partial(self) -> bool:
-        """True while a frame has started but not finished."""
-        return bool(self._buffer) or self._pending is not None
+        #: True while a frame has started but not finished. An attribute kept
+        #: up to date, not a property: a session asks after every read, and a
+        #: property's call was 2 % of a small request's instructions
+        #: (benchmarks/results/micro.md). The slot is free: the object stays
+        #: in the allocator's 96-byte size class.
+        self.has_partial = False
 
     @property
     def wants_buffer(self) -> bool:
@@ -377,6 +379,7 @@ class FrameDecoder:
             return []
         self._pending = self._content = None
         self._filled = 0
+        self.has_partial = bool(self._buffer)
         return [Frame(pending[0].copy(), content)]
 
     @property
@@ -430,12 +433,14 @@ class FrameDecoder:
             self._error = exc
             self._buffer = bytearray()
             self._pending = None
+            self.has_partial = False
             raise
         if buffered:
             source.release()
             del buffer[:consumed]
         elif consumed < len(data):
             buffer += memoryview(data)[consumed:]
+        self.has_partial = bool(buffer) or self._pending is not None
         return frames
 
     def _parse(self, data: Any, is_view: bool, frames: list[Frame]) -> int:

@@ -34,6 +34,8 @@ class TLSTransport(Transport):
     __slots__ = ()
     vectored = False
     sock: ssl.SSLSocket
+    #: Every event reads through `_read_once`, which drains the SSL object.
+    _on_events = Transport._handle_events
 
     def _read_once(self) -> bool:
         progressed = super()._read_once()
