@@ -261,6 +261,37 @@ def test_a_raising_event_callback_is_logged_and_the_loop_keeps_running(
     assert errors[0].exc_info is not None and errors[0].exc_info[0] is RuntimeError
 
 
+def test_a_callback_that_unregisters_another_stops_its_event_in_the_same_iteration(
+    loop: EventLoop, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both sockets are readable in one poll; whichever callback runs first
+    unregisters the other, whose event must then be skipped, not run."""
+    ran: list[str] = []
+    (a, b), (c, d) = socket.socketpair(), socket.socketpair()
+    with a, b, c, d:
+        def on_first(mask: int) -> None:
+            ran.append("first")
+            loop.unregister(c)
+            loop.stop()
+
+        def on_second(mask: int) -> None:
+            ran.append("second")
+            loop.unregister(a)
+            loop.stop()
+
+        loop.register(a, EVENT_READ, on_first)
+        loop.register(c, EVENT_READ, on_second)
+        b.sendall(b"x")
+        d.sendall(b"x")
+        time.sleep(0.01)  # both readable before the first poll
+        with caplog.at_level(logging.ERROR, logger="multiconn.loop"):
+            run_with_watchdog(loop)
+        loop.unregister(a)
+        loop.unregister(c)
+    assert ran in (["first"], ["second"])
+    assert caplog.records == []
+
+
 # -- descriptors ------------------------------------------------------------
 
 

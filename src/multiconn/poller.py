@@ -1,12 +1,15 @@
-"""Readiness for the event loop: which descriptors are ready, and whose callback runs.
+"""Readiness for the event loop: which descriptors are ready, and for what.
 
 Theory of operation
 -------------------
-A poller keeps one callback per registered file object, waits for readiness
-(`poll`) and runs the callbacks of what is ready (`dispatch`). Both pollers
-speak the vocabulary of `selectors` to their callers: interest and ready masks
-are EVENT_READ / EVENT_WRITE, and an error or hang-up on a descriptor is
-reported as whichever of the two it is registered for, as `selectors` does.
+A poller keeps one callback per registered file object (`callbacks`, by
+descriptor) and waits for readiness (`poll`, a list of ``(fd, mask)``); the
+event loop runs the callbacks itself, in its own loop, because under light
+load every request is an iteration and a dispatch method of the poller's cost
+a fifth of a small echo's instructions (benchmarks/results/micro.md). Both
+pollers speak the vocabulary of `selectors`: interest and ready masks are
+EVENT_READ / EVENT_WRITE, and an error or hang-up on a descriptor is reported
+as whichever of the two it is registered for, as `selectors` does.
 
 Why not `selectors` alone: ``EpollSelector.select()`` pays, in Python, for every
 ready descriptor (a `SelectorKey` lookup, the mask translated bit by bit, a
@@ -14,26 +17,28 @@ tuple appended to a list that the loop unpacks again). For a server of small
 messages, where one ready event is one request, that is a large share of its
 own work (the measured difference: benchmarks/results/micro.md). So on Linux
 `EpollPoller` owns the `select.epoll` object itself (the one
-`selectors.EpollSelector` wraps; trio's ``_io_epoll.py`` does the same) and
-dispatches straight from the kernel's ``(fd, events)`` list through one dict
-of callbacks. EPOLLIN equals EVENT_READ, so the common event needs no
-translation; any other mask takes one method call. Elsewhere (kqueue, poll,
-select) `SelectorPoller` runs on any `selectors` selector.
+`selectors.EpollSelector` wraps; trio's ``_io_epoll.py`` does the same), its
+`poll` is the kernel's ``(fd, events)`` list as it comes, and EPOLLIN equals
+EVENT_READ, so the common event needs no translation; any other mask goes
+through `ready_mask`. Elsewhere (kqueue, poll, select) `SelectorPoller` runs
+on any `selectors` selector and hands out the same ``(fd, mask)`` pairs.
 
-A plain EPOLLIN reaches its callback as EVENT_READ without a look at the
-current interest. If that interest lost EVENT_READ earlier in the same batch,
-the callback sees one stale readiness; readiness is only a hint anyway, and
-every callback of this package tolerates a read that finds nothing.
+Maintenance contract for whoever dispatches (`EventLoop.run_forever`, and the
+poller tests): a mask equal to EVENT_READ is used as it is, any other goes
+through `ready_mask` (0: skip the event), and an event whose descriptor is no
+longer in `callbacks` (unregistered by a callback earlier in the same batch)
+is skipped. A plain EPOLLIN thus reaches its callback without a look at the
+current interest: if that interest lost EVENT_READ earlier in the same batch,
+or the descriptor was closed and its number reused by a new registration, the
+callback sees one stale readiness. Readiness is only a hint anyway, and every
+callback of this package tolerates a read that finds nothing.
 """
 
 from __future__ import annotations
 
-import logging
 import select
 import selectors
-from typing import Any, Callable, Iterable, Protocol
-
-log = logging.getLogger("multiconn.loop")
+from typing import Any, Callable, Protocol
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
@@ -47,21 +52,26 @@ MAX_EVENTS = 1023
 class Poller(Protocol):
     """What the event loop needs from a readiness mechanism."""
 
-    def register(self, fileobj: Any, events: int, callback: EventCallback) -> None: ...
-    def modify(self, fileobj: Any, events: int, callback: EventCallback) -> None: ...
-    def unregister(self, fileobj: Any) -> None: ...
-    def is_registered(self, fileobj: Any) -> bool: ...
+    #: The callback of each registration, by descriptor (the loop's to read, not to change).
+    callbacks: dict[int, EventCallback]
     #: What to pass `poll` as `max_events`: for epoll, the registrations (at
     #: least 1, at most MAX_EVENTS), so that its event buffer stays small.
     max_events: int
 
-    def poll(self, timeout: float | None, max_events: int, /) -> Iterable[Any]:
-        """Wait up to `timeout` seconds, at least 0 (None: until something is
-        ready), for at most `max_events` events (more stay ready for the next
-        call). A negative timeout is the caller's to clamp: epoll reads it as
-        forever, where a selector reads it as "do not block"."""
+    def register(self, fileobj: Any, events: int, callback: EventCallback) -> None: ...
+    def modify(self, fileobj: Any, events: int, callback: EventCallback) -> None: ...
+    def unregister(self, fileobj: Any) -> None: ...
+    def is_registered(self, fileobj: Any) -> bool: ...
 
-    def dispatch(self, events: Iterable[Any]) -> None: ...
+    def poll(self, timeout: float | None, max_events: int, /) -> list[tuple[int, int]]:
+        """``(fd, mask)`` of what is ready, after waiting up to `timeout` seconds,
+        at least 0 (None: until something is ready), for at most `max_events`
+        events (more stay ready for the next call). A negative timeout is the
+        caller's to clamp: epoll reads it as forever, a selector as "do not block"."""
+
+    def ready_mask(self, fd: int, mask: int, /) -> int:
+        """`mask` from `poll` in EVENT_* terms, limited to the interest (0: none)."""
+
     def close(self) -> None: ...
 
 
@@ -72,35 +82,30 @@ def default_poller() -> Poller:
     return SelectorPoller(selectors.DefaultSelector())
 
 
-def _callback_failed(callback: EventCallback) -> None:
-    log.exception("event callback %r failed", callback)
-
-
 class SelectorPoller:
-    """Any `selectors` selector; the callback rides along as the key's data.
+    """Any `selectors` selector, its keys turned into ``(fd, mask)`` pairs."""
 
-    ``select()`` hands out its keys before any callback runs, so an unregistered
-    key is remembered (by identity, until the end of the next dispatch) and a
-    callback's event skipped once its key is gone, as `EpollPoller` skips it by
-    its absence.
-    """
+    #: Selectors size their own batch: `poll` ignores its `max_events`.
+    max_events = MAX_EVENTS
 
     def __init__(self, selector: selectors.BaseSelector) -> None:
         self._selector = selector
-        self._dropped: dict[int, selectors.SelectorKey] = {}  # id(key) -> key, kept alive
+        self.callbacks: dict[int, EventCallback] = {}
 
     def register(self, fileobj: Any, events: int, callback: EventCallback) -> None:
-        self._selector.register(fileobj, events, callback)
+        key = self._selector.register(fileobj, events)
+        self.callbacks[key.fd] = callback
 
     def modify(self, fileobj: Any, events: int, callback: EventCallback) -> None:
-        self._selector.modify(fileobj, events, callback)
+        key = self._selector.modify(fileobj, events)
+        self.callbacks[key.fd] = callback
 
     def unregister(self, fileobj: Any) -> None:
         try:
             key = self._selector.unregister(fileobj)
         except (KeyError, ValueError):
             return
-        self._dropped[id(key)] = key
+        del self.callbacks[key.fd]
 
     def is_registered(self, fileobj: Any) -> bool:
         try:
@@ -109,27 +114,15 @@ class SelectorPoller:
             return False
         return True
 
-    #: Selectors size their own batch: `poll` ignores its `max_events`.
-    max_events = MAX_EVENTS
+    def poll(self, timeout: float | None, max_events: int = MAX_EVENTS, /) -> list[tuple[int, int]]:
+        return [(key.fd, mask) for key, mask in self._selector.select(timeout)]
 
-    def poll(self, timeout: float | None, max_events: int = MAX_EVENTS, /) -> list[tuple[selectors.SelectorKey, int]]:
-        return self._selector.select(timeout)
-
-    def dispatch(self, events: Iterable[tuple[selectors.SelectorKey, int]]) -> None:
-        dropped = self._dropped
-        try:
-            for key, mask in events:
-                if dropped and id(key) in dropped:
-                    continue  # unregistered by a callback earlier in this batch
-                try:
-                    key.data(mask)
-                except Exception:  # one bad callback must not take the loop down
-                    _callback_failed(key.data)
-        finally:
-            dropped.clear()
+    def ready_mask(self, fd: int, mask: int, /) -> int:
+        return mask  # a selector's masks are EVENT_* already, limited to the interest
 
     def close(self) -> None:
         self._selector.close()
+        self.callbacks.clear()
 
 
 class EpollPoller:
@@ -149,7 +142,7 @@ class EpollPoller:
         self._epoll = select.epoll()
         self.poll = self._epoll.poll
         self.max_events = 1
-        self._callbacks: dict[int, EventCallback] = {}
+        self.callbacks: dict[int, EventCallback] = {}
         # fd -> (file object, interest in EVENT_* terms), for the rarer paths.
         self._registered: dict[int, tuple[Any, int]] = {}
 
@@ -160,8 +153,8 @@ class EpollPoller:
             raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
         self._epoll.register(fd, _epoll_mask(events))
         self._registered[fd] = (fileobj, events)
-        self._callbacks[fd] = callback
-        self.max_events = min(len(self._callbacks), MAX_EVENTS)
+        self.callbacks[fd] = callback
+        self.max_events = min(len(self.callbacks), MAX_EVENTS)
 
     def modify(self, fileobj: Any, events: int, callback: EventCallback) -> None:
         fd = self._registered_fd(fileobj)
@@ -170,7 +163,7 @@ class EpollPoller:
         if events != self._registered[fd][1]:
             self._epoll.modify(fd, _epoll_mask(events))
             self._registered[fd] = (fileobj, events)
-        self._callbacks[fd] = callback
+        self.callbacks[fd] = callback
 
     def unregister(self, fileobj: Any) -> None:
         """Forget `fileobj`, even one closed meanwhile; a no-op if unknown."""
@@ -178,8 +171,8 @@ class EpollPoller:
         if fd is None:
             return
         del self._registered[fd]
-        del self._callbacks[fd]
-        self.max_events = max(1, min(len(self._callbacks), MAX_EVENTS))
+        del self.callbacks[fd]
+        self.max_events = max(1, min(len(self.callbacks), MAX_EVENTS))
         try:
             self._epoll.unregister(fd)
         except OSError:
@@ -200,24 +193,7 @@ class EpollPoller:
             return None
         return fd if fd in self._registered else None
 
-    def dispatch(self, events: Iterable[tuple[int, int]]) -> None:
-        callbacks = self._callbacks
-        epollin = select.EPOLLIN
-        for fd, mask in events:
-            if mask != epollin:
-                mask = self._ready_mask(fd, mask)
-                if not mask:
-                    continue
-            try:
-                callback = callbacks[fd]
-            except KeyError:
-                continue  # unregistered by a callback earlier in this batch
-            try:
-                callback(mask)
-            except Exception:  # one bad callback must not take the loop down
-                _callback_failed(callback)
-
-    def _ready_mask(self, fd: int, events: int) -> int:
+    def ready_mask(self, fd: int, events: int, /) -> int:
         """An epoll mask in EVENT_* terms; errors and hang-ups count as both."""
         entry = self._registered.get(fd)
         if entry is None:
@@ -232,7 +208,7 @@ class EpollPoller:
     def close(self) -> None:
         self._epoll.close()
         self._registered.clear()
-        self._callbacks.clear()
+        self.callbacks.clear()
 
 
 def _fileno(fileobj: Any) -> int:
