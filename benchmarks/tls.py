@@ -1308,10 +1308,11 @@ def build_report(args, meta, records, profiles):
                     changes.append(f"{name} {without:.1f} → {with_ids:.1f} µs ({with_ids / without:.2f}×)")
             if changes:
                 L.append("- Server CPU per request without → with request ids (medians, pingpong → pingpong-ids): "
-                         + ", ".join(changes) + ". multiconn caches a parsed header, and an encoded answer "
-                         "header, only for headers without an id (src/multiconn/protocol.py): with an id every "
-                         "request is parsed with `json.loads` and every answer encoded with `json.dumps`, which "
-                         "the peers do for every frame anyway.")
+                         + ", ".join(changes) + ". multiconn caches a parsed request header, and an encoded "
+                         "answer header, only for headers without an id (src/multiconn/protocol.py): with an id "
+                         "every request header is parsed by one shared `json.JSONDecoder`, and every answer "
+                         "header is a cached template of the other keys with the id spliced in; the peers "
+                         "parse and encode every header with `json`.")
         if sc.name == "pingpong" and TARGET_SERVER in names and TARGET_BASE in names:
             rates = paired(records, sc.name, TARGET_SERVER, TARGET_BASE, "rate")
             if rates:
