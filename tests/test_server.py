@@ -290,7 +290,7 @@ def output_peaks(monkeypatch: pytest.MonkeyPatch) -> dict[Any, int]:
     Raw echo writes through an alias of `write` and, on its fast path, inline.
     """
     peaks: dict[Any, int] = {}
-    writers = [(Transport, "write"), (Transport, "write_many"), (Transport, "_on_raw_echo_events")]
+    writers = [(Transport, "write"), (Transport, "write_many"), (Transport, "_on_events")]
     for cls, name in writers:
         original = getattr(cls, name)
 

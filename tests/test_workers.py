@@ -465,6 +465,9 @@ def test_a_reload_runs_new_code_and_a_broken_one_keeps_the_old_workers(workers: 
     module.write_text(VERSIONED_APP.format(version="two, longer"))
     server.signal(signal.SIGHUP)
     wait_for(lambda: count_lines(server, "reloaded:") == 1, 15, "the reload")
+    # "reloaded:" is logged as the old workers are told to stop accepting; until
+    # they have, they may still take a connection from their slot's socket.
+    wait_for(lambda: server.stderr.count("exited with status 0") >= 2, 15, "the old workers' exit")
     assert versions() == {"two, longer"}
     module.write_text("raise ImportError('version three is broken')\n")
     server.signal(signal.SIGHUP)

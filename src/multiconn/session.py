@@ -451,7 +451,7 @@ class PooledFramedSession(FramedSession):
 class RawEchoSession:
     """No framing: bytes are echoed as they arrive (the guide's multiconn-server).
 
-    The transport inlines the common event (`Transport._on_raw_echo_events`);
+    The transport inlines the common event (`Transport._on_events`);
     this is the general path: backpressure, EOF, TLS.
     """
 

@@ -131,7 +131,9 @@ class TransportOwner(Protocol):
 #: ioctl that reads how many sent bytes the kernel still holds (Linux: SIOCOUTQ).
 _OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
-_os_read, _os_write = os.read, os.write  # raw echo's fast path: one global lookup each
+#: Raw echo's inline read and send: one global lookup each, and unlike
+#: ``socket.recv``/``send`` they parse their arguments the fast way.
+_os_read, _os_write = os.read, os.write
 
 
 class Transport:
@@ -186,7 +188,7 @@ class Transport:
         the inlined read-and-write path."""
         self.session = session
         if raw_echo and self.vectored:
-            self._fd = self.sock.fileno()  # also says: the loop calls _on_raw_echo_events
+            self._fd = self.sock.fileno()  # also says: _on_events echoes inline
         if self._preamble is None:
             self._set_interest(EVENT_READ)
         else:
@@ -205,8 +207,7 @@ class Transport:
         self._preamble = None
         self.last_activity = self.loop.now
         if self._interest:  # registered with the stage's callback: ours from now on (one modify)
-            callback = self._on_events if self._fd < 0 else self._on_raw_echo_events
-            self.loop.modify(self.sock, EVENT_READ, callback)
+            self.loop.modify(self.sock, EVENT_READ, self._on_events)
             self._interest = EVENT_READ
         self._update_interest()
         if self.session is not None and self.state is OPEN:
@@ -251,20 +252,25 @@ class Transport:
     # -- events -----------------------------------------------------------
 
     def _on_events(self, mask: int) -> None:
-        """The loop's callback (but for raw echo's): the common event inline, the rest in `_handle_events`.
+        """The loop's callback: the common event inline, the rest in `_handle_events`.
 
         The common event (readable, reading small, open) reads here: the call
         to `_read_once` and its checks were 3 % of a small request's
-        instructions (benchmarks/results/micro.md). Maintenance contract: the
-        inlined steps are `_read_once`'s; change them together. TLS, whose
-        reads must drain the SSL object, takes `_handle_events` for every event.
+        instructions (benchmarks/results/micro.md). For raw echo (`attach`
+        set `_fd`), with nothing queued, it also sends the bytes straight back,
+        `write` inlined: raw echo is the event loop's own benchmark, and there
+        the general path's calls were a seventh of the server's Python time.
+        Maintenance contract: these are the steps of `_read_once` and `write`;
+        change them together. TLS, whose reads must drain the SSL object,
+        takes `_handle_events` for every event.
         """
         if mask != EVENT_READ or self._recv_size != SMALL_RECV_SIZE or self.state is not OPEN or self._input:
             self._handle_events(mask)
             return
         try:
+            fd = self._fd
             try:
-                data = self.sock.recv(SMALL_RECV_SIZE)
+                data = self.sock.recv(SMALL_RECV_SIZE) if fd < 0 else _os_read(fd, SMALL_RECV_SIZE)
             except OSError as exc:
                 self._recv_failed(exc)
                 return
@@ -272,9 +278,22 @@ class Transport:
                 self._on_eof()
                 return
             self.last_activity = self.loop.now
-            if len(data) > SMALL_READ:
+            received = len(data)
+            if received > SMALL_READ:
                 self._recv_size = RECV_SIZE
-            self.session.data_received(data)
+            if fd < 0 or self._out is not None:
+                self.session.data_received(data)
+                return
+            try:
+                sent = _os_write(fd, data)
+            except WOULD_BLOCK:
+                sent = 0
+            except OSError as exc:
+                self.close(f"send failed: {exc}")
+                return
+            if sent < received:
+                self._queue(memoryview(data)[sent:])
+                self._update_interest()
         except Exception:  # a bug must cost this connection, not the server
             self._internal_error()
 
@@ -288,50 +307,6 @@ class Transport:
                     self._drain_input()
                 else:
                     self._read_once()
-        except Exception:  # a bug must cost this connection, not the server
-            self._internal_error()
-
-    def _on_raw_echo_events(self, mask: int) -> None:
-        """Raw echo's common event in one call: `_read_once` and `write` inlined.
-
-        Small messages, the state nearly every event of a ping-pong finds
-        (readable, reading small, nothing queued), come here; anything else
-        takes the general path. Raw echo is the event loop's own benchmark,
-        and there the general path's extra calls are a large share of the
-        server's Python time (benchmarks/results/micro.md). It reads and writes the descriptor with `os.read` and
-        `os.write` (a socket is a file on POSIX; TLS never comes here), which
-        parse their arguments the fast way where ``socket.recv`` and ``send``
-        parse an argument tuple. Maintenance contract: this repeats the steps
-        of `_read_once` and `write`; change them together.
-        """
-        if (mask != EVENT_READ or self._recv_size != SMALL_RECV_SIZE or self._out is not None
-                or self.state is not OPEN or self._input):
-            self._handle_events(mask)
-            return
-        try:
-            fd = self._fd
-            try:
-                data = _os_read(fd, SMALL_RECV_SIZE)
-            except OSError as exc:
-                self._recv_failed(exc)
-                return
-            if not data:
-                self._on_eof()
-                return
-            self.last_activity = self.loop.now
-            received = len(data)
-            if received > SMALL_READ:
-                self._recv_size = RECV_SIZE
-            try:
-                sent = _os_write(fd, data)
-            except WOULD_BLOCK:
-                sent = 0
-            except OSError as exc:
-                self.close(f"send failed: {exc}")
-                return
-            if sent < received:
-                self._queue(memoryview(data)[sent:])
-                self._update_interest()
         except Exception:  # a bug must cost this connection, not the server
             self._internal_error()
 
@@ -616,11 +591,10 @@ class Transport:
         if not interest:
             self.loop.unregister(self.sock)
         else:
-            callback = self._on_events if self._fd < 0 else self._on_raw_echo_events
             if not current:
-                self.loop.register(self.sock, interest, callback)
+                self.loop.register(self.sock, interest, self._on_events)
             else:
-                self.loop.modify(self.sock, interest, callback)
+                self.loop.modify(self.sock, interest, self._on_events)
         self._interest = interest
 
     # -- timeouts and closing ---------------------------------------------
