@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
 import time
 from typing import Iterable
@@ -71,3 +72,19 @@ def git_revision(multiconn_dir: str | None = None) -> str:
     if multiconn_dir is not None and os.path.realpath(multiconn_dir) != os.path.realpath(ours):
         return f"{head}; multiconn imported from `{multiconn_dir}`"
     return f"{head} (src/ had uncommitted changes: the servers ran the working tree)" if dirty else head
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """The median of the values that are not None; None if there are none."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def fmt(value: float | None, digits: int = 0, whole_from: float = 100) -> str:
+    """A figure for a report: "–" for none, whole with thousands separators
+    from `whole_from` up (or when `digits` is 0), else `digits` decimals."""
+    if value is None:
+        return "–"
+    if digits == 0 or abs(value) >= whole_from:
+        return f"{value:,.0f}"
+    return f"{value:,.{digits}f}"

@@ -66,7 +66,8 @@ import time
 from array import array
 from dataclasses import dataclass, field
 
-from benchutil import QUIET_BUSY_PCT, cpu_model, git_revision, wait_for_quiet
+from benchutil import QUIET_BUSY_PCT, cpu_model, git_revision, median, wait_for_quiet
+from benchutil import fmt as benchutil_fmt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -565,17 +566,8 @@ def run_one(scenario, server, variant, args, env):
 
 # --- the report -----------------------------------------------------------------------------------------
 
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def fmt(value, digits=0):
-    if value is None:
-        return "–"
-    if digits == 0 or abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:,.{digits}f}"
+    return benchutil_fmt(value, digits, whole_from=1000)
 
 
 def ratio_text(ratios, own=False):

@@ -27,14 +27,13 @@ import resource
 import shlex
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
-from benchutil import QUIET_BUSY_PCT, cpu_model, git_revision, per_cpu_busy, wait_for_quiet
+from benchutil import QUIET_BUSY_PCT, cpu_model, fmt, git_revision, median, per_cpu_busy, wait_for_quiet
 
 try:
     from multiconn.procstats import process_cpu_seconds, process_peak_rss_bytes
@@ -324,19 +323,6 @@ def run_one(args, server, scenario, cpus, quiet_cpus):
 
 
 # --- the report -----------------------------------------------------------------------------------
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def fmt(value, digits=0):
-    if value is None:
-        return "–"
-    if abs(value) >= 100 or digits == 0:
-        return f"{value:,.0f}"
-    return f"{value:.{digits}f}"
-
 
 def summarize(args, records):
     """{(server, scenario): {...medians...}} and the paired ratios to the baseline."""

@@ -81,7 +81,6 @@ import shutil
 import signal
 import socket
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,7 +90,7 @@ from dataclasses import dataclass
 
 from multiconn.procstats import process_cpu_seconds as cpu_seconds
 
-from benchutil import QUIET_BUSY_PCT, cpu_model, git_revision, per_cpu_busy, wait_for_quiet
+from benchutil import QUIET_BUSY_PCT, cpu_model, fmt, git_revision, median, per_cpu_busy, wait_for_quiet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -1157,19 +1156,6 @@ def profile_cprofile(server, args, certs, scenario):
 
 
 # --- the report ------------------------------------------------------------------------------------------
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-def fmt(value, digits=0):
-    if value is None:
-        return "–"
-    if digits == 0 or abs(value) >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.{digits}f}"
-
 
 def runs_of(records, scenario, server):
     return [r for r in records if r["scenario"] == scenario and r["server"] == server and "error" not in r]
