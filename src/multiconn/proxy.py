@@ -36,7 +36,7 @@ from .errors import MulticonnError
 
 __all__ = [
     "ProxyHeader", "ProxyHeaderError", "ProxyHeaderParser", "V1_MAX_LENGTH", "V2_SIGNATURE",
-    "VERSIONS", "encode_v1", "encode_v2",
+    "VERSIONS", "encode", "encode_v1", "encode_v2",
 ]
 
 #: What ``--proxy-protocol`` accepts.
@@ -309,3 +309,17 @@ def encode_v2(source: tuple[str, int] | None, destination: tuple[str, int] | Non
     family = 0x11 if src.version == 4 else 0x21
     body = src.packed + dst.packed + struct.pack("!HH", source[1], destination[1]) + extra
     return V2_HEADER.pack(V2_SIGNATURE, 0x21, family, len(body)) + body
+
+
+def encode(header: ProxyHeader) -> bytes | None:
+    """`header` on the wire again, in its own version, or None where the
+    encoders cannot say it (a v2 PROXY header without TCP addresses: UNSPEC,
+    UNIX or UDP). A relay passing on what it was told, or a check that what
+    was parsed means what was sent, starts here."""
+    if header.version == 1:
+        return encode_v1(header.source, header.destination)
+    if header.command == "LOCAL":
+        return encode_v2(None, local=True, tlvs=header.tlvs)
+    if header.source is not None:
+        return encode_v2(header.source, header.destination, tlvs=header.tlvs)
+    return None
