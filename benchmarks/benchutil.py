@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import platform
+import socket
 import statistics
 import subprocess
+import sys
 import time
 from typing import Iterable
 
@@ -88,3 +90,20 @@ def fmt(value: float | None, digits: int = 0, whole_from: float = 100) -> str:
     if digits == 0 or abs(value) >= whole_from:
         return f"{value:,.0f}"
     return f"{value:,.{digits}f}"
+
+
+def publish(report: str, out: str | None) -> None:
+    """Print `report`, and write it to `out` (its folder made if need be) when given."""
+    print(report)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(report)
+        print(f"wrote {out}", file=sys.stderr, flush=True)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now, for a server the script is about to start."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 
-from benchutil import ROOT, TICK, cpu_model, git_revision, wait_for_quiet
+from benchutil import ROOT, TICK, cpu_model, free_port, git_revision, wait_for_quiet
 
 MULTICONN = f"{sys.executable} -m multiconn serve --port {{port}} --app echo --log-level warning"
 SIZE = 1 << 20
@@ -43,11 +43,6 @@ CONNECTIONS = 4
 #: Syscalls shown in the report, in this order; the rest are summed as "other".
 SHOWN = ("recvfrom", "read", "sendmsg", "sendto", "write", "epoll_ctl", "epoll_wait", "epoll_pwait")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(command: str, port: int) -> subprocess.Popen[bytes]:

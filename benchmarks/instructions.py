@@ -34,16 +34,11 @@ import sys
 import tempfile
 import time
 
-from benchutil import ROOT, cpu_model, git_revision
+from benchutil import ROOT, cpu_model, free_port, git_revision
 
 MULTICONN = f"{sys.executable} -m multiconn serve --port {{port}} --app {{app}} --log-level warning"
 APPS = {"raw": "raw-echo", "framed": "echo"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], limit: float = 60.0) -> None:

@@ -66,7 +66,7 @@ import time
 from array import array
 from dataclasses import dataclass, field
 
-from benchutil import QUIET_BUSY_PCT, cpu_model, git_revision, median, wait_for_quiet
+from benchutil import QUIET_BUSY_PCT, cpu_model, free_port, git_revision, median, publish, wait_for_quiet
 from benchutil import fmt as benchutil_fmt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -226,11 +226,6 @@ def self_cpu():
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def read_tail(f, limit=4000):
@@ -946,12 +941,7 @@ def main(argv=None):
             "elapsed_min": (datetime.datetime.now().astimezone() - started).total_seconds() / 60,
             "cpu_iterations": iterations, "cpu_ms": 1e3 * statistics.median(times)}
     report = build_report(args, meta, records)
-    print(report)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(report)
-        log(f"wrote {args.out}")
+    publish(report, args.out)
     return 1 if any("error" in r for r in records) else 0
 
 

@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from benchutil import QUIET_BUSY_PCT, cpu_model, fmt, git_revision, median, per_cpu_busy, wait_for_quiet
+from benchutil import QUIET_BUSY_PCT, cpu_model, fmt, free_port, git_revision, median, per_cpu_busy, wait_for_quiet
 
 try:
     from multiconn.procstats import process_cpu_seconds, process_peak_rss_bytes
@@ -172,11 +172,6 @@ def children_cpu_seconds():
 
 
 # --- one run --------------------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def pinned(cpu):

@@ -90,7 +90,7 @@ from dataclasses import dataclass
 
 from multiconn.procstats import process_cpu_seconds as cpu_seconds
 
-from benchutil import QUIET_BUSY_PCT, cpu_model, fmt, git_revision, median, per_cpu_busy, wait_for_quiet
+from benchutil import QUIET_BUSY_PCT, cpu_model, fmt, free_port, git_revision, median, per_cpu_busy, publish, wait_for_quiet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -174,11 +174,6 @@ def self_cpu():
     t = os.times()
     return t.user + t.system
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 # --- the certificate ------------------------------------------------------------------------------------
@@ -1659,12 +1654,7 @@ def main(argv=None):
                        "meta": meta, "records": records, "profiles": profiles}, f, indent=1)
         log(f"wrote {args.save}")
     report = build_report(args, meta, records, profiles)
-    print(report)
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(report)
-        log(f"wrote {args.out}")
+    publish(report, args.out)
     return 1 if any("error" in r for r in records) else 0
 
 
