@@ -54,11 +54,12 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], limit: float = 60.0)
     raise SystemExit(f"the server did not listen on {port} within {limit:g} s")
 
 
-def load(port: int, mode: str, connections: int, duration: float) -> int:
+def load(port: int, mode: str, connections: int, pipeline: int, duration: float) -> int:
     """Run `multiconn bench` against the server; the requests it completed."""
     out = subprocess.run(
         [sys.executable, "-m", "multiconn", "bench", "--port", str(port), "--mode", mode,
-         "--connections", str(connections), "--duration", str(duration), "--warmup", "0", "--json"],
+         "--connections", str(connections), "--pipeline", str(pipeline),
+         "--duration", str(duration), "--warmup", "0", "--json"],
         capture_output=True, text=True, timeout=duration + 120, check=True,
     ).stdout
     result = json.loads(out)
@@ -67,7 +68,8 @@ def load(port: int, mode: str, connections: int, duration: float) -> int:
     return int(result["requests"])
 
 
-def count(command: str, mode: str, connections: int, duration: float, workdir: str) -> tuple[int, int]:
+def count(command: str, mode: str, connections: int, pipeline: int, duration: float,
+          workdir: str) -> tuple[int, int]:
     """(instructions, requests) of one measured load on a fresh server."""
     port = free_port()
     argv = command.format(port=port, mode=mode, app=APPS[mode]).split()
@@ -78,9 +80,9 @@ def count(command: str, mode: str, connections: int, duration: float, workdir: s
     )
     try:
         wait_for_port(port, proc)
-        load(port, mode, connections, min(duration, 3.0))  # warm-up: imports, caches, specialisation
+        load(port, mode, connections, pipeline, min(duration, 3.0))  # warm-up: imports, caches, specialisation
         subprocess.run(["callgrind_control", "-z", str(proc.pid)], capture_output=True, check=True)
-        requests = load(port, mode, connections, duration)
+        requests = load(port, mode, connections, pipeline, duration)
         subprocess.run(["callgrind_control", "-d", str(proc.pid)], capture_output=True, check=True)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -103,6 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default="raw,framed", help="raw, framed or both (default)")
     parser.add_argument("--connections", type=int, default=1, help="concurrent connections (default 1)")
+    parser.add_argument("--pipeline", type=int, default=1, help="requests in flight per connection (default 1)")
     parser.add_argument("--duration", type=float, default=6.0, help="measured seconds per run (default 6)")
     parser.add_argument("--target", action="append", default=[], metavar="NAME=COMMAND",
                         help="a server to count ({port}, {mode} and {app} are filled in); "
@@ -113,13 +116,14 @@ def main() -> None:
     targets = [t.split("=", 1) for t in args.target] or [["multiconn", MULTICONN]]
     print(f"# Server instructions per request (callgrind), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"\nmulticonn {git_revision(ROOT)}, {cpu_model()}, Python {sys.version.split()[0]}; "
-          f"{args.connections} connection(s), 64-byte messages, {args.duration:g} s measured\n")
+          f"{args.connections} connection(s), pipeline {args.pipeline}, 64-byte messages, "
+          f"{args.duration:g} s measured\n")
     print("| target | mode | instructions per request | requests counted |")
     print("|---|---|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="instructions-") as workdir:
         for mode in args.modes.split(","):
             for name, command in targets:
-                instructions, requests = count(command, mode, args.connections, args.duration, workdir)
+                instructions, requests = count(command, mode, args.connections, args.pipeline, args.duration, workdir)
                 print(f"| {name} | {mode} | {instructions / requests:,.0f} | {requests:,} |", flush=True)
 
 

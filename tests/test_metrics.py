@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from bisect import bisect_left
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from multiconn import Frame, Limits, encode_frames
-from multiconn.metrics import DURATION_BUCKETS
+from multiconn.metrics import DURATION_BUCKETS, Histogram
 from multiconn.testing import ServerProcess
 
 from helpers import free_port
@@ -89,6 +90,38 @@ def test_histogram_buckets_are_cumulative_and_log_spaced(start_server) -> None:
     assert samples["multiconn_request_duration_seconds_sum"] >= 0.06
     ratios = [b / a for a, b in zip(DURATION_BUCKETS, DURATION_BUCKETS[1:])]
     assert all(2 <= r <= 2.5 for r in ratios)
+
+
+def test_histogram_batches_count_as_one_bisect_per_value_would() -> None:
+    """Folding a sorted batch puts every value where a bisect of the bounds
+    would: a value equal to a bound in that bound's bucket (``le``), values
+    past the last bound in +Inf; folds in mid-stream and at reading lose nothing."""
+    bounds = (0.001, 0.01, 0.1)
+    values = [0.0, 0.001, 0.0010001, 0.01, 0.05, 0.1, 0.2, 7.0] * 400  # 3,200: three folds, then a rest
+    histogram = Histogram(bounds)
+    for value in values:
+        histogram.observe(value)
+    assert 0 < len(histogram.pending) < Histogram.FOLD_AT
+    expected = [0] * (len(bounds) + 1)
+    for value in values:
+        expected[bisect_left(bounds, value)] += 1
+    assert histogram.counts == expected == [800, 800, 800, 800]
+    assert histogram.pending == []
+    assert histogram.sum == pytest.approx(sum(values))
+    assert histogram.count == len(values)
+    assert Histogram.from_list(histogram.as_list(), bounds).counts == expected
+
+
+def test_requests_past_a_fold_are_all_counted(start_server) -> None:
+    server = metrics_server(start_server)
+    total = Histogram.FOLD_AT * 2 + 7
+    with server.connect(timeout=5) as client:
+        for start in range(0, total, 500):
+            client.request_many([Frame.binary(b"x")] * min(500, total - start))
+    samples = scrape(server)
+    assert samples["multiconn_requests_total"] == total
+    assert samples["multiconn_request_duration_seconds_bucket{le=+Inf}"] == total
+    assert 0 < samples["multiconn_request_duration_seconds_sum"] < total  # seconds, each well under one
 
 
 def test_error_frames_by_code_and_close_reasons(start_server) -> None:
