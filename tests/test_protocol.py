@@ -1048,6 +1048,25 @@ def test_regression_encoder_cache_conflates_equal_hashing_values() -> None:
         assert type(header["x"]) is type(value) and header["x"] == value
 
 
+@pytest.mark.parametrize("header", [
+    {"content-type": "t/pair", "content-encoding": "binary"},
+    {"content-encoding": "binary", "content-type": "t/pair"},  # the other order: the same object
+    {"content-type": "t/pair", "content-encoding": 1},
+    {"content-type": "t/pair", "content-encoding": True},
+    {"content-type": "t/pair", "id": "binary"},
+    {"content-type": "t/pair", "content-encoding": ["binary"]},
+], ids=repr)
+def test_two_key_headers_encode_their_own_values(header: dict[str, Any]) -> None:
+    """Two-key headers are looked up by their values (encode_header's pair
+    cache): whatever came before, each encodes exactly what it holds."""
+    encode_frame(Frame({"content-type": "t/pair", "content-encoding": "binary"}, b"abc"))  # cached first
+    for _ in range(2):  # encoded, then from the cache where it may be
+        _, decoded, content = split_header(encode_frame(Frame(header, b"abc")))
+        assert {k: v for k, v in decoded.items() if k not in ("byteorder", "content-length")} == header
+        assert [type(v) for k, v in decoded.items() if k in header] == [type(header[k]) for k in decoded if k in header]
+        assert decoded["content-length"] == 3 and content == b"abc"
+
+
 @pytest.mark.parametrize("token", [b"NaN", b"Infinity", b"-Infinity"])
 def test_regression_nan_in_header_is_bad_header(token: bytes) -> None:
     raw = header_bytes(VALID_JSON)[:-1] + b', "x": ' + token + b"}"

@@ -120,6 +120,8 @@ class Frame:
     connection: ConnectionInfo | None
 
     def __init__(self, header: dict[str, Any], content: bytes | bytearray = b"") -> None:
+        # Maintenance contract: FrameDecoder._parse makes received frames
+        # without this call, with the same stores; change both together.
         self.header = header
         self.content = content
         self._json = _NO_JSON
@@ -450,12 +452,15 @@ class FrameDecoder:
         (`is_view`) a memoryview of the buffer, whose slices are copied out:
         ``bytes()`` on what is already bytes would be a call for nothing,
         twice per frame of the hot path (what it cost when measured:
-        benchmarks/results/micro.md).
+        benchmarks/results/micro.md). Frames are made with ``object.__new__``
+        and `Frame.__init__`'s stores spelled out: the call of a Python
+        ``__init__`` was 500 instructions of a frame's 18,000.
         """
         end = len(data)
         pos = 0
         pending = self._pending
         cache = self._header_cache
+        new_frame = object.__new__
         while True:
             if pending is None:
                 if end - pos < 2:
@@ -488,7 +493,11 @@ class FrameDecoder:
             if end - pos < length:
                 break
             content = data[pos : pos + length]
-            frames.append(Frame(pending[0].copy(), bytes(content) if is_view else content))
+            frame = new_frame(Frame)  # Frame.__init__'s three stores, without its call
+            frame.header = pending[0].copy()
+            frame.content = bytes(content) if is_view else content
+            frame._json = _NO_JSON
+            frames.append(frame)
             pos += length
             pending = None
         self._pending = pending
@@ -499,6 +508,8 @@ class FrameDecoder:
 
 _BYTEORDER = sys.byteorder
 _prefix_cache: dict[tuple[Any, ...], bytes] = {}
+#: Headers of exactly content-type and content-encoding: (their values, content-length) -> prefix.
+_pair_cache: dict[tuple[str, str, int], bytes] = {}
 #: Answers with ids: the JSON text of the rest of the header, without its closing brace.
 _id_template_cache: dict[tuple[Any, ...], str] = {}
 #: One encoder for every header (``json.dumps`` with keywords builds one per call).
@@ -509,8 +520,19 @@ def encode_header(header: dict[str, Any], content_length: int) -> bytes:
     """The ``hlen`` + JSON header bytes for a frame with that header and length.
 
     ``byteorder`` and ``content-length`` are always the encoder's own, whatever
-    `header` says. Encoded prefixes are cached per distinct header.
+    `header` says. Encoded prefixes are cached per distinct header. Most
+    answers carry exactly the two keys a frame needs, and those are looked
+    up by their two values (`_pair_cache`): the general key, every item as a
+    tuple, cost a fifth of a pipelined frame's instructions to build and hash
+    (benchmarks/results/micro.md).
     """
+    if len(header) == 2:
+        try:
+            prefix = _pair_cache.get((header["content-type"], header["content-encoding"], content_length))
+        except (KeyError, TypeError):  # other keys, or unhashable values: the general path says which
+            prefix = None
+        if prefix is not None:
+            return prefix
     try:
         key = (*header.items(), content_length)
         prefix = _prefix_cache.get(key)
@@ -526,10 +548,15 @@ def encode_header(header: dict[str, Any], content_length: int) -> bytes:
         raise ValueError(f"encoded header is {len(raw)} bytes, more than {MAX_HEADER_LENGTH}")
     prefix = _HLEN.pack(len(raw)) + raw
     # Only all-string headers are cached: as dict keys True, 1 and 1.0 are equal.
+    # A lookup needs no such check: a value of another type never equals a string.
     if key is not None and all(type(value) is str for value in header.values()):
-        if len(_prefix_cache) >= _HEADER_CACHE_SIZE:
-            _prefix_cache.clear()
-        _prefix_cache[key] = prefix
+        if len(header) == 2 and "content-type" in header and "content-encoding" in header:
+            cache, key = _pair_cache, (header["content-type"], header["content-encoding"], content_length)
+        else:
+            cache = _prefix_cache
+        if len(cache) >= _HEADER_CACHE_SIZE:
+            cache.clear()
+        cache[key] = prefix
     return prefix
 
 

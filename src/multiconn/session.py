@@ -242,17 +242,16 @@ class FramedSession:
         parts: list[bytes | bytearray] = []
         size = 0
         budget = self.context.limits.high_water - transport.pending_output
-        last = len(frames) - 1
         held = None
-        for index, frame in enumerate(frames):
+        for frame in frames:
             response = respond(frame)
             content = response.content
             prefix = encode_header(response.header, len(content))
             parts.append(prefix)
             parts.append(content)
             size += len(prefix) + len(content)
-            if size > budget and index < last:
-                held = frames[index + 1:]
+            if size > budget:
+                held = frames[len(parts) >> 1:]  # two parts per answer; empty after the last
                 break
         if size <= JOIN_LIMIT:
             transport.write(b"".join(parts))
