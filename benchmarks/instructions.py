@@ -16,6 +16,16 @@ measured load, then a dump. Requests are the load generator's count.
     python benchmarks/instructions.py                      # multiconn raw and framed, 1 connection
     python benchmarks/instructions.py --connections 10 --target 'uvloop=python benchmarks/peers/asyncio_protocol.py --port {port} --mode {mode} --loop uvloop'
 
+With ``--in-memory`` it counts instead the framed path alone, per frame:
+`FramedSession.data_received` over a `multiconn.testing.MemoryTransport`,
+``--pipeline`` frames of 64 bytes per read, echo answered inline, with and
+without ``--metrics``' timing. No socket, no loop, no system call: decoding,
+answering and encoding, which is what a pipelined request costs. Each figure
+is the difference of two runs (1,000 and 4,000 reads, ``PYTHONHASHSEED=0``),
+so the interpreter's start cancels out.
+
+    python benchmarks/instructions.py --in-memory --pipeline 16
+
 Needs valgrind (Debian: ``apt-get install valgrind``). Under callgrind the
 server runs some 50 times slower, so requests per second mean nothing here.
 """
@@ -101,6 +111,46 @@ def count(command: str, mode: str, connections: int, pipeline: int, duration: fl
     raise SystemExit(f"no instruction total in {dumps[0]}")
 
 
+# The in-memory load: argv is (what, reads, frames per read); "metrics" times every answer.
+IN_MEMORY = """
+import sys
+import time
+import types
+from multiconn.apps import echo
+from multiconn.metrics import ServerMetrics, timed_respond
+from multiconn.testing import MemoryConnection
+what, reads, per_read = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+header = (b'{"byteorder": "little", "content-type": "binary/octet-stream", '
+          b'"content-encoding": "binary", "content-length": 64}')
+payload = (len(header).to_bytes(2, "big") + header + b"x" * 64) * per_read
+conn = MemoryConnection(echo)
+if what == "metrics":
+    responder = conn.session.context.responder
+    loop = types.SimpleNamespace(now=time.monotonic(), clock=time.monotonic)  # what timing reads of a loop
+    responder.respond = timed_respond(responder.respond, ServerMetrics(), loop)
+received, output = conn.session.data_received, conn.transport.output
+for _ in range(200 + reads):  # 200 to warm up (specialisation, caches)
+    received(payload)
+    del output[:]
+"""
+
+
+def in_memory(what: str, per_read: int) -> float:
+    """Instructions per frame of `IN_MEMORY`: the difference of 1,000 and 4,000 reads."""
+    totals = []
+    for reads in (1000, 4000):
+        out = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+             sys.executable, "-c", IN_MEMORY, what, str(reads), str(per_read)],
+            capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "0"},
+        ).stderr
+        collected = [line for line in out.splitlines() if "Collected :" in line]
+        if not collected:
+            raise SystemExit(f"callgrind printed no total:\n{out[-2000:]}")
+        totals.append(int(collected[-1].split(":")[-1]))
+    return (totals[1] - totals[0]) / (3000 * per_read)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modes", default="raw,framed", help="raw, framed or both (default)")
@@ -110,9 +160,21 @@ def main() -> None:
     parser.add_argument("--target", action="append", default=[], metavar="NAME=COMMAND",
                         help="a server to count ({port}, {mode} and {app} are filled in); "
                              "default: this checkout's multiconn")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="count the framed session path alone, per frame (no server, no sockets)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("needs valgrind and callgrind_control (Debian: apt-get install valgrind)")
+    if args.in_memory:
+        print(f"# Framed session instructions per frame, in memory (callgrind), "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+        print(f"\nmulticonn {git_revision(ROOT)}, {cpu_model()}, Python {sys.version.split()[0]}; "
+              f"{args.pipeline} frame(s) of 64 bytes per read, echo inline\n")
+        print("| path | instructions per frame |")
+        print("|---|---:|")
+        for what, label in (("plain", "session"), ("metrics", "session, --metrics timing")):
+            print(f"| {label} | {in_memory(what, args.pipeline):,.0f} |", flush=True)
+        return
     targets = [t.split("=", 1) for t in args.target] or [["multiconn", MULTICONN]]
     print(f"# Server instructions per request (callgrind), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"\nmulticonn {git_revision(ROOT)}, {cpu_model()}, Python {sys.version.split()[0]}; "

@@ -77,8 +77,9 @@ class Histogram:
     """Counts per bucket and a sum, with observations folded in batches.
 
     Why batches: on the inline path an observation is paid once per request,
-    and a bisect over the bounds plus two updates costs more than the rest of
-    the timing together. So `observe` only appends the value to `pending`, and
+    and a bisect over the bounds plus two updates were a third of what
+    ``--metrics`` added to a request (benchmarks/results/micro.md). So
+    `observe` only appends the value to `pending`, and
     `fold` (at `FOLD_AT` pending values, and before anyone reads `counts` or
     `sum`) sorts the batch, where CPython compares floats without the generic
     protocol, and finds each bound's place in it with one bisect.
@@ -90,7 +91,7 @@ class Histogram:
 
     __slots__ = ("bounds", "_counts", "_sum", "pending")
 
-    #: Pending values that trigger a fold: a few dozen KiB, folded in microseconds.
+    #: Pending values that trigger a fold: a few dozen KiB, folded in tens of microseconds.
     FOLD_AT = 1024
 
     def __init__(self, bounds: tuple[float, ...] = DURATION_BUCKETS) -> None:
@@ -342,23 +343,29 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
-def timed_respond(respond: Callable[[Frame], Frame], metrics: ServerMetrics,
-                  clock: Callable[[], float] = time.perf_counter) -> Callable[[Frame], Frame]:
+def timed_respond(respond: Callable[[Frame], Frame], metrics: ServerMetrics, loop: Any) -> Callable[[Frame], Frame]:
     """`respond`, counting and timing every request: what ``--metrics`` installs inline.
 
+    A request's duration runs from its arrival, the clock reading the `loop`
+    took when it woke up with the request's bytes (``loop.now``), to its
+    answer, on the loop's own clock: so a request read in the same wake-up as
+    others (pipelined, or on other connections) counts the time it waited for
+    them, as a pool's requests count their wait for a worker. One clock read
+    per request instead of two, too. A request held back by backpressure
+    counts from when it is taken up again.
+
     This runs for every request, so `ServerMetrics.answered` is spelled out
-    here with everything in locals: two clock reads and an append to the
-    histogram's batch (its cost: benchmarks/results/micro.md). Maintenance contract: count what
-    `answered` counts.
+    here with everything in locals: a clock read and an append to the
+    histogram's batch (its cost: benchmarks/results/micro.md). Maintenance
+    contract: count what `answered` counts.
     """
     histogram = metrics.duration
     pending, fold, fold_at = histogram.pending, histogram.fold, histogram.FOLD_AT
-    record = pending.append
+    clock = loop.clock
 
     def respond_timed(request: Frame) -> Frame:
-        start = clock()
         response = respond(request)
-        record(clock() - start)
+        pending.append(clock() - loop.now)  # not a bound method in a local: 3.11 specialises this call
         if len(pending) >= fold_at:
             fold()
         if response.header.get("content-type") == "text/json":

@@ -550,10 +550,9 @@ def encode_header(header: dict[str, Any], content_length: int) -> bytes:
     # Only all-string headers are cached: as dict keys True, 1 and 1.0 are equal.
     # A lookup needs no such check: a value of another type never equals a string.
     if key is not None and all(type(value) is str for value in header.values()):
+        cache: dict[Any, bytes] = _prefix_cache
         if len(header) == 2 and "content-type" in header and "content-encoding" in header:
             cache, key = _pair_cache, (header["content-type"], header["content-encoding"], content_length)
-        else:
-            cache = _prefix_cache
         if len(cache) >= _HEADER_CACHE_SIZE:
             cache.clear()
         cache[key] = prefix

@@ -180,7 +180,7 @@ class Server:
         if self.metrics is not None:
             self._context.metrics = self.metrics
             if isinstance(self.responder, InlineResponder):
-                self.responder.respond = timed_respond(self.responder.respond, self.metrics)
+                self.responder.respond = timed_respond(self.responder.respond, self.metrics, self.loop)
             else:
                 self.responder.metrics = self.metrics  # type: ignore[attr-defined]
         self._responder_started = False
