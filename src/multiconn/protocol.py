@@ -522,8 +522,9 @@ def encode_header(header: dict[str, Any], content_length: int) -> bytes:
     ``byteorder`` and ``content-length`` are always the encoder's own, whatever
     `header` says. Encoded prefixes are cached per distinct header. Most
     answers carry exactly the two keys a frame needs, and those are looked
-    up by their two values (`_pair_cache`): the general key, every item as a
-    tuple, cost a fifth of a pipelined frame's instructions to build and hash
+    up by their two values (`_pair_cache`): with the general key, every item
+    as a tuple built and hashed per answer, encoding was a fifth of a
+    pipelined frame's instructions, and is a seventh this way
     (benchmarks/results/micro.md).
     """
     if len(header) == 2:
