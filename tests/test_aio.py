@@ -39,7 +39,7 @@ from multiconn import aio
 
 try:
     import uvloop
-except ImportError:  # pragma: no cover - uvloop is in the bench extra
+except ImportError:  # pragma: no cover - the test extra installs it where it builds (not Windows)
     uvloop = None
 
 pytestmark = pytest.mark.anyio

@@ -124,6 +124,25 @@ def test_fast_connections_are_not_stalled_by_slow_handlers(start_server, pool, a
         slow.close()
 
 
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_async_handlers_run_on_the_loop_asked_for(start_server, loop_kind: str) -> None:
+    """``--async-loop``: the handlers' loop is asyncio's or uvloop's, and either
+    runs 20 sleeping requests of one connection at once, answered in order."""
+    if loop_kind == "uvloop":
+        pytest.importorskip("uvloop")  # in the test extra; absent only where it does not build
+    server = start_server(pool_apps.async_loop_name, async_loop=loop_kind)
+    assert server.server.responder.loop_kind == loop_kind
+    with socket.create_connection(server.address) as sock:
+        start = time.monotonic()
+        sock.sendall(encode_frames(command("sleep:0.2", id=i) for i in range(20)))
+        answers = read_frames(sock, 20)
+        took = time.monotonic() - start
+    assert [a.id for a in answers] == list(range(20))
+    expected = "uvloop.Loop" if loop_kind == "uvloop" else "asyncio"
+    assert all(expected in a.content.decode() for a in answers), answers[0].content
+    assert took < 2.0, f"took {took:.2f} s: the sleeps did not overlap"
+
+
 def test_async_app_serves_a_thousand_sleeping_requests_concurrently(start_server) -> None:
     """1,000 requests over 20 connections, each awaiting 0.2 s: about 1 s, not 200 s."""
     server = start_server(pool_apps.async_slow)

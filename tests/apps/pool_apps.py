@@ -48,6 +48,13 @@ async def async_slow(request: Frame) -> Frame:
     return Frame.binary(request.content)
 
 
+async def async_loop_name(request: Frame) -> Frame:
+    """`async_slow`'s commands, answered with the running loop's class (module and name)."""
+    await async_slow(request)
+    loop = type(asyncio.get_running_loop())
+    return Frame.binary(f"{loop.__module__}.{loop.__qualname__}".encode())
+
+
 class AsyncCallable:
     """A callable object whose ``__call__`` is ``async def``: detected as async too."""
 
