@@ -131,8 +131,8 @@ class TransportOwner(Protocol):
 #: ioctl that reads how many sent bytes the kernel still holds (Linux: SIOCOUTQ).
 _OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 
-#: Raw echo's inline read and send: one global lookup each, and unlike
-#: ``socket.recv``/``send`` they parse their arguments the fast way.
+#: The common read and send on plain sockets: one global lookup each, and
+#: unlike ``socket.recv``/``send`` they parse their arguments the fast way.
 _os_read, _os_write = os.read, os.write
 
 
@@ -150,7 +150,7 @@ class Transport:
         "sock", "loop", "limits", "session", "state", "_owner", "_out", "_out_size",
         "_interest", "_paused", "_paused_at", "_input", "last_activity",
         "last_progress", "_recv_size", "_fd", "_kernel_unsent", "_preamble",
-        "_info", "__weakref__",
+        "_info", "_echo",
     )
 
     def __init__(self, sock: socket.socket, loop: EventLoop, limits: Limits,
@@ -169,7 +169,11 @@ class Transport:
         self._paused_at = 0.0
         self._input = INPUT_OPEN
         self._recv_size = SMALL_RECV_SIZE
+        #: The socket's descriptor for ``os.read``/``os.write`` on the common
+        #: path (`attach`: plain sockets), else -1 (TLS goes through its object).
         self._fd = -1
+        #: The session echoes every byte (raw echo): `_on_events` sends it back inline.
+        self._echo = False
         self._kernel_unsent = 0
         self.last_activity = self.last_progress = loop.now
         sock.setblocking(False)
@@ -187,8 +191,9 @@ class Transport:
         `raw_echo`: the session echoes every byte, so the common event may take
         the inlined read-and-write path."""
         self.session = session
-        if raw_echo and self.vectored:
-            self._fd = self.sock.fileno()  # also says: _on_events echoes inline
+        if self.vectored:  # a plain socket: the common read and send skip the socket object
+            self._fd = self.sock.fileno()
+            self._echo = raw_echo
         if self._preamble is None:
             self._set_interest(EVENT_READ)
         else:
@@ -256,10 +261,13 @@ class Transport:
 
         The common event (readable, reading small, open) reads here: the call
         to `_read_once` and its checks were 3 % of a small request's
-        instructions (benchmarks/results/micro.md). For raw echo (`attach`
-        set `_fd`), with nothing queued, it also sends the bytes straight back,
-        `write` inlined: raw echo is the event loop's own benchmark, and there
-        the general path's calls were a seventh of the server's Python time.
+        instructions (benchmarks/results/micro.md). On a plain socket it reads
+        with ``os.read`` on the descriptor, as `write` sends with ``os.write``:
+        the socket object's ``recv`` and ``send`` cost 1,000 instructions more
+        per request. For raw echo (`_echo`), with nothing queued, it also sends
+        the bytes straight back, `write` inlined: raw echo is the event loop's
+        own benchmark, and there the general path's calls were a seventh of
+        the server's Python time.
         Maintenance contract: these are the steps of `_read_once` and `write`;
         change them together. TLS, whose reads must drain the SSL object,
         takes `_handle_events` for every event.
@@ -281,7 +289,7 @@ class Transport:
             received = len(data)
             if received > SMALL_READ:
                 self._recv_size = RECV_SIZE
-            if fd < 0 or self._out is not None:
+            if not self._echo or self._out is not None:
                 self.session.data_received(data)
                 return
             try:
@@ -396,8 +404,9 @@ class Transport:
         """Send `data` now as far as the kernel takes it; queue the rest."""
         if self.state is OPEN and not self._out:
             # The common case: the kernel takes it all and nothing is queued.
+            fd = self._fd
             try:
-                sent = self.sock.send(data)
+                sent = _os_write(fd, data) if fd >= 0 else self.sock.send(data)
             except WOULD_BLOCK:
                 sent = 0
             except OSError as exc:
