@@ -10,8 +10,9 @@ which reading and writing through the SSL object differ from a plain socket:
   read: those are read at once, or no poll would ever report them;
 * ``SSLSocket`` has no ``sendmsg``, and shutting down its sending side would
   drop the TLS session, so neither is used;
-* raw echo's inlined ``os.read``/``os.write`` path would bypass the SSL object,
-  so a TLS transport never takes it (``vectored = False`` rules it out).
+* the ``os.read``/``os.write`` of a plain transport's common read and send
+  would bypass the SSL object, so a TLS transport never uses them
+  (``vectored = False`` rules them out, and every event takes the general path).
 
 Any session runs over it unchanged; the frame timeout bounds the handshake.
 """

@@ -143,7 +143,8 @@ class Transport:
     `connection_closed` once, just before the socket is closed.
     """
 
-    #: Whether the socket can send several buffers at once (``sendmsg``).
+    #: Whether this is a plain socket: it can send several buffers at once
+    #: (``sendmsg``), and the common read and send may use its descriptor.
     vectored = True
 
     __slots__ = (
@@ -269,8 +270,9 @@ class Transport:
         own benchmark, and there the general path's calls were a seventh of
         the server's Python time.
         Maintenance contract: these are the steps of `_read_once` and `write`;
-        change them together. TLS, whose reads must drain the SSL object,
-        takes `_handle_events` for every event.
+        change them together. Only plain sockets come here (`attach` set
+        `_fd`): TLS, whose reads must drain the SSL object, takes
+        `_handle_events` for every event.
         """
         if mask != EVENT_READ or self._recv_size != SMALL_RECV_SIZE or self.state is not OPEN or self._input:
             self._handle_events(mask)
@@ -278,7 +280,7 @@ class Transport:
         try:
             fd = self._fd
             try:
-                data = self.sock.recv(SMALL_RECV_SIZE) if fd < 0 else _os_read(fd, SMALL_RECV_SIZE)
+                data = _os_read(fd, SMALL_RECV_SIZE)
             except OSError as exc:
                 self._recv_failed(exc)
                 return
