@@ -455,6 +455,58 @@ def test_max_content_boundary(mode: str) -> None:
     assert [f.content for f in frames] == [b"0123456789"]
 
 
+def _no_parse(self: FrameDecoder, data: Any, is_view: bool, frames: list[Frame]) -> int:
+    raise AssertionError("the read took the general path")
+
+
+def test_a_whole_frame_with_a_known_header_skips_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`feed`'s first lines: one whole frame, its header cached, nothing buffered."""
+    wire = raw_frame(hdr(b"whole", x_fast="yes"), b"whole")
+    decoder = FrameDecoder()
+    (first,) = decoder.feed(wire)  # the general path parses and caches the header
+    with monkeypatch.context() as patch:
+        patch.setattr(FrameDecoder, "_parse", _no_parse)
+        (second,) = decoder.feed(wire)
+        (third,) = decoder.feed(wire)
+    assert second == first and second.content == b"whole" and type(second.content) is bytes
+    assert second.header is not first.header and second.header is not third.header
+    second.header["x-fast"] = "changed"
+    assert third.header["x-fast"] == "yes" and decoder.feed(wire)[0].header["x-fast"] == "yes"
+    assert not decoder.has_partial and decoder.buffered == 0
+
+
+@pytest.mark.parametrize("read", [
+    "frame and a byte", "frame less a byte", "two frames", "after a partial", "bytearray", "memoryview",
+])
+def test_reads_that_are_not_one_whole_frame_take_the_general_path(read: str) -> None:
+    wire = raw_frame(hdr(b"whole"), b"whole")
+    decoder = FrameDecoder()
+    assert len(decoder.feed(wire)) == 1  # the header is cached from here on
+    reads: list[Any] = {
+        "frame and a byte": [wire + wire[:1], wire[1:]],
+        "frame less a byte": [wire[:-1], wire[-1:] + wire],
+        "two frames": [wire + wire],
+        "after a partial": [wire[:3], wire[3:] + wire],
+        "bytearray": [bytearray(wire), bytearray(wire)],
+        "memoryview": [memoryview(wire + wire)],
+    }[read]
+    frames = [frame for data in reads for frame in decoder.feed(data)]
+    assert [frame.content for frame in frames] == [b"whole", b"whole"]
+    assert all(type(frame.content) is bytes for frame in frames)
+    assert not decoder.has_partial and decoder.buffered == 0
+
+
+def test_a_broken_decoder_refuses_even_a_whole_frame_with_a_known_header() -> None:
+    wire = raw_frame(hdr(b"ok"), b"ok")
+    decoder = FrameDecoder()
+    assert len(decoder.feed(wire)) == 1
+    with pytest.raises(ProtocolError):
+        decoder.feed(b"\x00\x00")
+    with pytest.raises(ProtocolError) as info:
+        decoder.feed(wire)
+    assert info.value.code == ErrorCode.BAD_HEADER_LENGTH
+
+
 # -- 3. decoder errors -----------------------------------------------------------
 
 

@@ -19,7 +19,9 @@ things keep it fast on a stream of small frames:
   changes, and many clients send none), so validated headers are kept in a small
   bounded cache keyed by their exact bytes. JSON parsing and validation then run
   once per distinct header, not once per frame. The encoder does the same for
-  response headers.
+  response headers. A read that is exactly one frame with a cached header,
+  the common read of a request/response peer, is decoded straight from the
+  cache, before the general path's loop and bookkeeping.
 
 Errors are raised as `ProtocolError` with the protocol's code. Frames completed
 before the bad bytes are not lost: they ride on the exception as ``.frames`` so
@@ -100,6 +102,12 @@ def is_valid_id(value: Any) -> bool:
 
 
 _NO_JSON = object()
+#: Makes a `Frame` without calling its ``__init__`` (see `FrameDecoder._parse`).
+_new_frame = object.__new__
+#: Validated headers by their exact bytes: (header, content-length, id), shared
+#: by every decoder: the headers of one stream, and of many connections of one
+#: client program, are the same bytes again and again.
+_header_cache: dict[bytes, tuple[dict[str, Any], int, Any]] = {}
 
 
 class Frame:
@@ -120,7 +128,7 @@ class Frame:
     connection: ConnectionInfo | None
 
     def __init__(self, header: dict[str, Any], content: bytes | bytearray = b"") -> None:
-        # Maintenance contract: FrameDecoder._parse makes received frames
+        # Maintenance contract: FrameDecoder.feed and _parse make received frames
         # without this call, with the same stores; change both together.
         self.header = header
         self.content = content
@@ -327,10 +335,6 @@ class FrameDecoder:
     __slots__ = ("max_content", "_buffer", "_pending", "_error", "_content", "_filled", "buffers",
                  "has_partial")
 
-    # Shared by every decoder: the headers of one stream, and of many
-    # connections of one client program, are the same bytes again and again.
-    _header_cache: dict[bytes, tuple[dict[str, Any], int, Any]] = {}
-
     def __init__(self, max_content: int = DEFAULT_MAX_CONTENT, buffers: Any = None) -> None:
         """`buffers`, a `multiconn.buffers.BufferPool`, supplies (and reuses) the
         buffers of large contents; without one each is a new ``bytearray``."""
@@ -399,7 +403,25 @@ class FrameDecoder:
 
         On malformed input raises `ProtocolError`; its ``frames`` attribute holds
         the frames that were complete before the bad bytes.
+
+        The common read of a request/response peer is one whole frame whose
+        header was seen before, with nothing buffered: that read is answered
+        here, from the header cache, without `_parse`'s loop and bookkeeping
+        (an eighth of a framed request's instructions; benchmarks/results/micro.md).
+        Any other read (more or less than one frame, a new header, an id, a
+        content over the limit) takes the general path below, which decides.
         """
+        if not self.has_partial and type(data) is bytes and self._error is None:
+            size = len(data)
+            if size > 2:
+                start = ((data[0] << 8) | data[1]) + 2
+                pending = _header_cache.get(data[2:start])
+                if pending is not None and start + pending[1] == size and pending[1] <= self.max_content:
+                    frame = _new_frame(Frame)  # as in _parse
+                    frame.header = pending[0].copy()
+                    frame.content = data[start:]
+                    frame._json = _NO_JSON
+                    return [frame]
         if self._error is not None:  # a fresh copy: its frames were answered already
             error = self._error
             raise ProtocolError(error.code, error.message, error.request_id)
@@ -459,8 +481,8 @@ class FrameDecoder:
         end = len(data)
         pos = 0
         pending = self._pending
-        cache = self._header_cache
-        new_frame = object.__new__
+        cache = _header_cache
+        new_frame = _new_frame
         while True:
             if pending is None:
                 if end - pos < 2:
@@ -493,7 +515,7 @@ class FrameDecoder:
             if end - pos < length:
                 break
             content = data[pos : pos + length]
-            frame = new_frame(Frame)  # Frame.__init__'s three stores, without its call
+            frame = new_frame(Frame)  # Frame.__init__'s three stores, without its call (and in feed)
             frame.header = pending[0].copy()
             frame.content = bytes(content) if is_view else content
             frame._json = _NO_JSON
