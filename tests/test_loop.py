@@ -478,6 +478,56 @@ def test_a_timer_that_fell_due_during_callbacks_does_not_wait_for_the_poll() -> 
     assert selector.timeouts == [0.0, 0.0]  # the ready call, then the due timer
 
 
+class FakeWaitSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """Waits by moving a `FakeClock` on by the timeout (when nothing is ready),
+    noting every timeout: the loop's timing without real seconds."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.timeouts: list[float | None] = []
+
+    def select(self, timeout: float | None = None) -> Any:
+        self.timeouts.append(timeout)
+        ready = super().select(0)
+        if not ready and timeout:
+            self.clock.advance(timeout)
+        return ready
+
+
+def test_a_loop_run_long_after_it_was_made_waits_from_the_time_it_runs() -> None:
+    clock = FakeClock(0.0)
+    selector = FakeWaitSelector(clock)
+    with EventLoop(clock=clock, selector=selector) as loop:
+        clock.advance(100.0)  # made, then run 100 s later
+        fired: list[float] = []
+        loop.call_later(1.0, lambda: (fired.append(clock.now), loop.stop()))
+        loop.run_forever()
+    assert fired == [101.0]
+    assert selector.timeouts == [1.0]
+
+
+def test_timers_far_and_near_wake_the_loop_in_order_and_never_early() -> None:
+    """The loop's next wake-up (`_due`) is lowered by each nearer timer, set
+    again after timers run, and never more than MAX_SELECT_TIMEOUT ahead."""
+    from multiconn.loop import MAX_SELECT_TIMEOUT
+
+    clock = FakeClock(0.0)
+    selector = FakeWaitSelector(clock)
+    with EventLoop(clock=clock, selector=selector) as loop:
+        fired: list[tuple[str, float]] = []
+        far = 3 * MAX_SELECT_TIMEOUT + 5
+        loop.call_later(far, lambda: (fired.append(("far", clock.now)), loop.stop()))
+        loop.call_later(50.0, lambda: fired.append(("50", clock.now)))
+        cancelled = loop.call_later(20.0, lambda: fired.append(("cancelled", clock.now)))
+        cancelled.cancel()
+        loop.call_later(30.0, lambda: loop.call_later(5.0, lambda: fired.append(("35", clock.now))))
+        loop.run_forever()
+    assert fired == [("35", 35.0), ("50", 50.0), ("far", far)]
+    assert all(t is not None and 0.0 <= t <= MAX_SELECT_TIMEOUT for t in selector.timeouts)
+    assert selector.timeouts[:4] == [20.0, 10.0, 5.0, 15.0]  # the cancelled one's wake-up costs one poll
+
+
 # -- signals ----------------------------------------------------------------
 
 
