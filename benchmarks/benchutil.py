@@ -107,3 +107,18 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: "subprocess.Popen[bytes]", limit: float = 60.0) -> None:
+    """Wait until something listens on `port` of 127.0.0.1, or exit with why
+    not: the server `proc` ended, or `limit` seconds passed."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"the server did not listen on {port} within {limit:g} s")

@@ -38,30 +38,15 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-from benchutil import ROOT, cpu_model, free_port, git_revision
+from benchutil import ROOT, cpu_model, free_port, git_revision, wait_for_port
 
 MULTICONN = f"{sys.executable} -m multiconn serve --port {{port}} --app {{app}} --log-level warning"
 APPS = {"raw": "raw-echo", "framed": "echo"}
-
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], limit: float = 60.0) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"the server did not listen on {port} within {limit:g} s")
 
 
 def load(port: int, mode: str, connections: int, pipeline: int, duration: float) -> int:

@@ -27,13 +27,12 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
-from benchutil import ROOT, cpu_model, free_port, git_revision
+from benchutil import ROOT, cpu_model, free_port, git_revision, wait_for_port
 
 DEFAULT_LOADGEN = os.path.join(ROOT, "..", "shared", "bench", "build", "loadgen")
 SERVER_CPU, LOADGEN_CPU = "0", "1"
@@ -49,19 +48,6 @@ def thread_cpu_ns(pid: int) -> int:
         except FileNotFoundError:
             pass  # a thread that ended meanwhile
     return total
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], limit: float = 30.0) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"a server exited with {proc.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"no server listening on {port} after {limit:g} s")
 
 
 def load(loadgen: str, port: int, args: argparse.Namespace) -> int:

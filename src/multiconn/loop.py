@@ -213,7 +213,7 @@ class EventLoop:
         self._thread_id = threading.get_ident()
         timers, ready, clock, poller = self._timers, self._ready, self.clock, self._poller
         poll, ready_mask, callbacks = poller.poll, poller.ready_mask, poller.callbacks
-        self.now = now = clock()  # not the reading of __init__ or of an earlier run: time passed since
+        self.now = now = clock()  # the first wait counts from now, not from __init__ or an earlier run
         try:
             while not self._stopping:
                 if ready:
