@@ -54,8 +54,11 @@ def load(loadgen: str, port: int, args: argparse.Namespace) -> int:
     """One block of load on `port`; the requests it completed."""
     argv = ["taskset", "-c", LOADGEN_CPU, loadgen, "--port", str(port), "--conns", str(args.connections),
             "--size", str(args.size), "--duration", str(args.block), "--warmup", "0.2", "--mode", args.mode]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-    return int(json.loads(out[out.index("{"):])["completed"])
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0 or "{" not in done.stdout:
+        raise SystemExit(f"the load generator failed on port {port} (exit {done.returncode}): "
+                         f"{done.stderr.strip() or done.stdout.strip()}")
+    return int(json.loads(done.stdout[done.stdout.index("{"):])["completed"])
 
 
 def main() -> None:
