@@ -102,7 +102,7 @@ import sys
 import time
 import types
 from multiconn.apps import echo
-from multiconn.metrics import ServerMetrics, timed_respond
+from multiconn.metrics import InlineTiming, ServerMetrics
 from multiconn.testing import MemoryConnection
 what, reads, per_read = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 header = (b'{"byteorder": "little", "content-type": "binary/octet-stream", '
@@ -112,7 +112,7 @@ conn = MemoryConnection(echo)
 if what == "metrics":
     responder = conn.session.context.responder
     loop = types.SimpleNamespace(now=time.monotonic(), clock=time.monotonic)  # what timing reads of a loop
-    responder.respond = timed_respond(responder.respond, ServerMetrics(), loop)
+    responder.time_requests(InlineTiming(ServerMetrics(), loop))
 received, output = conn.session.data_received, conn.transport.output
 for _ in range(200 + reads):  # 200 to warm up (specialisation, caches)
     received(payload)

@@ -159,6 +159,33 @@ def test_error_frames_by_code_and_close_reasons(start_server) -> None:
     assert samples["multiconn_connections_closed_total{reason=done}"] == 1
 
 
+def _answers_of_every_kind(request: Frame) -> Frame:
+    """An app's own error frame for "missing", a raise for "boom", else an echo."""
+    if request.content == b"missing":
+        return Frame.error("not-found", "no such thing")  # without the request's id: run_handler copies it
+    if request.content == b"boom":
+        raise RuntimeError("boom")
+    return Frame.binary(request.content)
+
+
+def test_inline_answers_of_every_kind_are_timed_and_errors_counted(start_server) -> None:
+    """Every inline answer is timed, whichever path made it: the app's, an app's
+    own error frame, the error frame of a raise, a health check's."""
+    server = metrics_server(start_server, _answers_of_every_kind)
+    requests = [Frame.binary(b"x", id=1), Frame.binary(b"missing", id=2), Frame.binary(b"boom", id=3),
+                Frame.binary(b"", content_type="binary/health", id=4), Frame.binary(b"missing", id=5)]
+    with server.connect(timeout=5) as client:
+        answers = client.request_many(requests, raise_errors=False)
+    assert [a.header.get("id") for a in answers] == [1, 2, 3, 4, 5]
+    assert [a.error_info and a.error_info[0] for a in answers] == [
+        None, "not-found", "handler-error", None, "not-found"]
+    assert answers[3].content == b"ok"
+    samples = scrape(server)
+    assert samples["multiconn_request_duration_seconds_count"] == 5
+    assert samples["multiconn_error_frames_total{code=not-found}"] == 2
+    assert samples["multiconn_error_frames_total{code=handler-error}"] == 1
+
+
 def test_backpressure_pauses_are_counted(start_server) -> None:
     server = metrics_server(start_server, limits=Limits(high_water=64 * 1024, low_water=16 * 1024))
     big = Frame.binary(b"y" * 256 * 1024)

@@ -85,7 +85,7 @@ def open_session(app: Any = echo, *, pool: FakePool | None = None, clock: Manual
 
 def answer(job: Job, app: Any = echo) -> None:
     """Complete `job` as a real pool does: run_handler copies the request's id."""
-    job.done(run_handler(app, None, None, job.request))
+    job.done(run_handler(app, None, None, None, job.request))
 
 
 def requests(count: int, size: int = 3) -> list[Frame]:

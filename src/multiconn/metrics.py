@@ -4,7 +4,7 @@ Counting is cheap and formatting is lazy: the layers bump plain integers on a
 `ServerMetrics` object (no locks: everything that counts runs on the loop's
 thread), and the text is built only when ``GET /metrics`` asks for it
 (`render`). Without ``--metrics`` the server has no `ServerMetrics` at all:
-the per-request timing (`timed_respond`, `PooledResponder`'s completions) is
+the per-request timing (`InlineTiming`, `PooledResponder`'s completions) is
 not installed, and what is counted always (accepts, closes, pauses, fatal
 errors) happens on paths far from the per-request one.
 
@@ -86,7 +86,7 @@ class Histogram:
 
     Maintenance contract: read the totals through `counts`, `sum`,
     `count` or `as_list`, which fold first; a caller that appends to `pending`
-    directly (`timed_respond`) calls `fold` once it holds `FOLD_AT` values.
+    directly (`InlineTiming`) calls `fold` once it holds `FOLD_AT` values.
     """
 
     __slots__ = ("bounds", "_counts", "_sum", "pending")
@@ -190,8 +190,12 @@ class ServerMetrics:
         """One request answered (by the handler, or an error frame in its place).
 
         Requests are counted by the duration histogram (its count); see also
-        `timed_respond`, which does the same inline."""
+        `InlineTiming`, which does the same inline."""
         self.duration.observe(seconds)
+        self.count_error(response)
+
+    def count_error(self, response: Frame) -> None:
+        """Count `response` by its code if it is an error frame."""
         code = error_code(response)
         if code is not None:
             self.errors[code] = self.errors.get(code, 0) + 1
@@ -343,8 +347,14 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
-def timed_respond(respond: Callable[[Frame], Frame], metrics: ServerMetrics, loop: Any) -> Callable[[Frame], Frame]:
-    """`respond`, counting and timing every request: what ``--metrics`` installs inline.
+class InlineTiming:
+    """What ``--metrics`` does for every answer of the inline responder.
+
+    `multiconn.responders.run_handler` times each answer with it, its steps
+    spelled out there: a call to a method (or to a wrapper around
+    ``run_handler``, as this was first) cost as much again as the steps
+    themselves (benchmarks/results/micro.md). `answered` is the same steps,
+    for the paths that are not per request (error frames, health checks).
 
     A request's duration runs from its arrival, the clock reading the `loop`
     took when it woke up with the request's bytes (``loop.now``), to its
@@ -354,24 +364,28 @@ def timed_respond(respond: Callable[[Frame], Frame], metrics: ServerMetrics, loo
     per request instead of two, too. A request held back by backpressure
     counts from when it is taken up again.
 
-    This runs for every request, so `ServerMetrics.answered` is spelled out
-    here with everything in locals: a clock read and an append to the
-    histogram's batch (its cost: benchmarks/results/micro.md). Maintenance
-    contract: count what `answered` counts.
+    Maintenance contract: count what `ServerMetrics.answered` counts, and
+    keep `answered` and ``run_handler``'s steps the same.
     """
-    histogram = metrics.duration
-    pending, fold, fold_at = histogram.pending, histogram.fold, histogram.FOLD_AT
-    clock = loop.clock
 
-    def respond_timed(request: Frame) -> Frame:
-        response = respond(request)
-        pending.append(clock() - loop.now)  # not a bound method in a local: 3.11 specialises this call
-        if len(pending) >= fold_at:
-            fold()
+    __slots__ = ("pending", "fold", "fold_at", "clock", "loop", "count_error")
+
+    def __init__(self, metrics: ServerMetrics, loop: Any) -> None:
+        #: The duration histogram's batch (see `Histogram`), and its fold.
+        self.pending = metrics.duration.pending
+        self.fold = metrics.duration.fold
+        self.fold_at = Histogram.FOLD_AT
+        self.clock: Callable[[], float] = loop.clock
+        self.loop = loop
+        #: Called for ``text/json`` answers only: no other frame is an error frame.
+        self.count_error = metrics.count_error
+
+    def answered(self, response: Frame) -> Frame:
+        """Time and count `response`; return it."""
+        pending = self.pending
+        pending.append(self.clock() - self.loop.now)
+        if len(pending) >= self.fold_at:
+            self.fold()
         if response.header.get("content-type") == "text/json":
-            code = error_code(response)
-            if code is not None:
-                metrics.errors[code] = metrics.errors.get(code, 0) + 1
+            self.count_error(response)
         return response
-
-    return respond_timed

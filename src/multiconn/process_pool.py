@@ -118,7 +118,7 @@ def worker_main(conn: Connection, app_blob: bytes, log_level: int) -> None:
         request = Frame(header, content)
         if connection is not None:
             request.connection = connection
-        response = run_handler(app, None, None, request)
+        response = run_handler(app, None, None, None, request)
         if not _send(conn, (response.header, bytes(response.content))):
             return
 

@@ -56,6 +56,7 @@ from .watchdog import HandlerClock, HandlerTimeout
 
 if TYPE_CHECKING:
     from .loop import EventLoop, TimerHandle
+    from .metrics import InlineTiming
     from .session import Job
 
 log = logging.getLogger("multiconn.server")
@@ -142,12 +143,16 @@ def health_answer(request: Frame, status: ServerStatus) -> Frame | None:
     return Frame.binary(b"draining" if status.draining else b"ok", id=header.get("id"))
 
 
-def run_handler(app: App, clock: HandlerClock | None, status: ServerStatus | None, request: Frame) -> Frame:
+def run_handler(app: App, clock: HandlerClock | None, status: ServerStatus | None,
+                timing: "InlineTiming | None", request: Frame) -> Frame:
     """The answer to one request: the app's, or the error frame in its place.
 
     With a `clock`, the call is marked for the inline watchdog; with a `status`,
-    health checks are answered here. One flat function, because the inline
-    responder calls it for every request.
+    health checks are answered here; with a `timing` (``--metrics``), the
+    answer is counted and timed. One flat function, because the inline
+    responder calls it for every request: the timing was first a wrapper
+    around it, whose call was an eighth of what ``--metrics`` added to a
+    request (benchmarks/results/micro.md).
     """
     try:
         content_type = request.header["content-type"]
@@ -156,7 +161,7 @@ def run_handler(app: App, clock: HandlerClock | None, status: ServerStatus | Non
         elif content_type == HEALTH_CONTENT_TYPE and status is not None:
             health = health_answer(request, status)
             if health is not None:
-                return health
+                return health if timing is None else timing.answered(health)
         if clock is None:
             response = app(request)
         else:
@@ -169,10 +174,18 @@ def run_handler(app: App, clock: HandlerClock | None, status: ServerStatus | Non
         if not isinstance(response, Frame):
             raise _not_a_frame(response)
     except Exception as exc:
-        return error_answer(app, request, exc)
+        response = error_answer(app, request, exc)
+        return response if timing is None else timing.answered(response)
     request_id = request.header.get("id")
     if request_id is not None and response.header.get("id") != request_id:
         response = Frame({**response.header, "id": request_id}, response.content)
+    if timing is not None:  # InlineTiming.answered, spelled out: a call here costs as much again
+        pending = timing.pending
+        pending.append(timing.clock() - timing.loop.now)
+        if len(pending) >= timing.fold_at:
+            timing.fold()
+        if response.header.get("content-type") == "text/json":
+            timing.count_error(response)
     return response
 
 
@@ -234,7 +247,11 @@ class InlineResponder:
         self.status = status if status is not None else ServerStatus()
         #: ``respond(request) -> Frame``: `run_handler` bound to the app and the
         #: clock (a C partial: the hot path pays one call for it, not two).
-        self.respond: Callable[[Frame], Frame] = functools.partial(run_handler, app, self.clock, self.status)
+        self.respond: Callable[[Frame], Frame] = functools.partial(run_handler, app, self.clock, self.status, None)
+
+    def time_requests(self, timing: "InlineTiming") -> None:
+        """Count and time every answer from now on (``--metrics``)."""
+        self.respond = functools.partial(run_handler, self.app, self.clock, self.status, timing)
 
     def start(self, loop: "EventLoop", on_saturated: Callable[[bool], None]) -> None:
         pass
@@ -438,7 +455,7 @@ class ThreadPoolResponder(PooledResponder):
                 continue
             worker.started = job.started = time.monotonic()
             worker.job = job
-            response = run_handler(app, None, None, job.request)
+            response = run_handler(app, None, None, None, job.request)
             worker.job = None
             self._post(job, response)
 

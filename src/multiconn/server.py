@@ -52,7 +52,7 @@ from .tls import TLSHandshake, TLSTransport
 from .transport import PAUSE_QUEUE, StageFactory, Transport
 from .buffers import BufferPool
 from .connection_info import WithConnection, wants_connection
-from .metrics import ServerMetrics, timed_respond
+from .metrics import InlineTiming, ServerMetrics
 from .metrics_endpoint import MetricsEndpoint
 from .watchdog import Watchdog
 
@@ -180,7 +180,7 @@ class Server:
         if self.metrics is not None:
             self._context.metrics = self.metrics
             if isinstance(self.responder, InlineResponder):
-                self.responder.respond = timed_respond(self.responder.respond, self.metrics, self.loop)
+                self.responder.time_requests(InlineTiming(self.metrics, self.loop))
             else:
                 self.responder.metrics = self.metrics  # type: ignore[attr-defined]
         self._responder_started = False
