@@ -353,8 +353,7 @@ class InlineTiming:
     `multiconn.responders.run_handler` times each answer with it, its steps
     spelled out there: a call to a method (or to a wrapper around
     ``run_handler``, as this was first) cost as much again as the steps
-    themselves (benchmarks/results/micro.md). `answered` is the same steps,
-    for the paths that are not per request (error frames, health checks).
+    themselves (benchmarks/results/micro.md).
 
     A request's duration runs from its arrival, the clock reading the `loop`
     took when it woke up with the request's bytes (``loop.now``), to its
@@ -364,8 +363,7 @@ class InlineTiming:
     per request instead of two, too. A request held back by backpressure
     counts from when it is taken up again.
 
-    Maintenance contract: count what `ServerMetrics.answered` counts, and
-    keep `answered` and ``run_handler``'s steps the same.
+    Maintenance contract: ``run_handler`` counts what `ServerMetrics.answered` counts.
     """
 
     __slots__ = ("pending", "fold", "fold_at", "clock", "loop", "count_error")
@@ -379,13 +377,3 @@ class InlineTiming:
         self.loop = loop
         #: Called for ``text/json`` answers only: no other frame is an error frame.
         self.count_error = metrics.count_error
-
-    def answered(self, response: Frame) -> Frame:
-        """Time and count `response`; return it."""
-        pending = self.pending
-        pending.append(self.clock() - self.loop.now)
-        if len(pending) >= self.fold_at:
-            self.fold()
-        if response.header.get("content-type") == "text/json":
-            self.count_error(response)
-        return response

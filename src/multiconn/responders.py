@@ -158,28 +158,26 @@ def run_handler(app: App, clock: HandlerClock | None, status: ServerStatus | Non
         content_type = request.header["content-type"]
         if content_type == "text/json":
             request.json_content()  # bad-content is checked for every app
-        elif content_type == HEALTH_CONTENT_TYPE and status is not None:
-            health = health_answer(request, status)
-            if health is not None:
-                return health if timing is None else timing.answered(health)
-        if clock is None:
-            response = app(request)
-        else:
-            clock.calls += 1  # see HandlerClock
-            clock.running = True
-            try:
+        if content_type != HEALTH_CONTENT_TYPE or status is None or (
+                response := health_answer(request, status)) is None:
+            if clock is None:
                 response = app(request)
-            finally:
-                clock.running = False
-        if not isinstance(response, Frame):
-            raise _not_a_frame(response)
+            else:
+                clock.calls += 1  # see HandlerClock
+                clock.running = True
+                try:
+                    response = app(request)
+                finally:
+                    clock.running = False
+            if not isinstance(response, Frame):
+                raise _not_a_frame(response)
     except Exception as exc:
         response = error_answer(app, request, exc)
-        return response if timing is None else timing.answered(response)
-    request_id = request.header.get("id")
-    if request_id is not None and response.header.get("id") != request_id:
-        response = Frame({**response.header, "id": request_id}, response.content)
-    if timing is not None:  # InlineTiming.answered, spelled out: a call here costs as much again
+    else:
+        request_id = request.header.get("id")
+        if request_id is not None and response.header.get("id") != request_id:
+            response = Frame({**response.header, "id": request_id}, response.content)
+    if timing is not None:  # see InlineTiming
         pending = timing.pending
         pending.append(timing.clock() - timing.loop.now)
         if len(pending) >= timing.fold_at:
