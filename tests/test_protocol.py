@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from multiconn import protocol
 from multiconn.errors import MulticonnError, ProtocolError
 from multiconn.protocol import (
     DEFAULT_MAX_CONTENT,
@@ -455,7 +456,7 @@ def test_max_content_boundary(mode: str) -> None:
     assert [f.content for f in frames] == [b"0123456789"]
 
 
-def _no_parse(self: FrameDecoder, data: Any, is_view: bool, frames: list[Frame]) -> int:
+def _no_parse(self: FrameDecoder, data: Any, is_view: bool, frames: list[Frame], pos: int = 0) -> int:
     raise AssertionError("the read took the general path")
 
 
@@ -494,6 +495,40 @@ def test_reads_that_are_not_one_whole_frame_take_the_general_path(read: str) -> 
     assert [frame.content for frame in frames] == [b"whole", b"whole"]
     assert all(type(frame.content) is bytes for frame in frames)
     assert not decoder.has_partial and decoder.buffered == 0
+
+
+class _CountingCache(dict):  # type: ignore[type-arg]
+    lookups = 0
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.lookups += 1
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("frames_in_read", [2, 3, 16])
+def test_a_read_of_several_frames_looks_up_its_first_header_once(
+        monkeypatch: pytest.MonkeyPatch, frames_in_read: int) -> None:
+    """The fast path's lookup of the first header is handed to the general path."""
+    wire = raw_frame(hdr(b"several"), b"several")
+    cache = _CountingCache()
+    monkeypatch.setattr(protocol, "_header_cache", cache)
+    decoder = FrameDecoder()
+    decoder.feed(wire)  # cached from here on
+    cache.lookups = 0
+    frames = decoder.feed(wire * frames_in_read + wire[:5])
+    assert [frame.content for frame in frames] == [b"several"] * frames_in_read
+    assert cache.lookups == frames_in_read
+    assert decoder.has_partial and decoder.feed(wire[5:])[0].content == b"several"
+    assert not decoder.has_partial and decoder.buffered == 0
+
+
+def test_a_known_header_over_the_limit_is_refused_when_more_bytes_follow() -> None:
+    wire = raw_frame(hdr(b"0123456789"), b"0123456789")
+    assert len(FrameDecoder().feed(wire)) == 1  # caches the header with a decoder that allows it
+    decoder = FrameDecoder(max_content=9)
+    with pytest.raises(ProtocolError) as info:
+        decoder.feed(wire + wire)
+    assert info.value.code == ErrorCode.CONTENT_TOO_LARGE and info.value.frames == []  # type: ignore[attr-defined]
 
 
 def test_a_broken_decoder_refuses_even_a_whole_frame_with_a_known_header() -> None:
