@@ -522,6 +522,18 @@ def test_a_read_of_several_frames_looks_up_its_first_header_once(
     assert not decoder.has_partial and decoder.buffered == 0
 
 
+def test_a_read_that_cuts_a_header_where_a_shorter_cached_one_ends_is_not_taken_for_it() -> None:
+    """JSON allows trailing whitespace, so a header cut short can be a whole, cached one."""
+    header = json.dumps(hdr(b"abc")).encode("utf-8")
+    decoder = FrameDecoder()
+    assert decoder.feed(raw_frame(header, b"abc"))[0].content == b"abc"  # caches `header`
+    longer = raw_frame(header + b"  ", b"xyz")
+    cut = 2 + len(header)
+    frames = decoder.feed(longer[:cut]) + decoder.feed(longer[cut:])
+    assert [frame.content for frame in frames] == [b"xyz"]
+    assert not decoder.has_partial and decoder.buffered == 0
+
+
 def test_a_known_header_over_the_limit_is_refused_when_more_bytes_follow() -> None:
     wire = raw_frame(hdr(b"0123456789"), b"0123456789")
     assert len(FrameDecoder().feed(wire)) == 1  # caches the header with a decoder that allows it

@@ -427,9 +427,10 @@ class FrameDecoder:
                         frame.content = data[start:]
                         frame._json = _NO_JSON
                         return [frame]
-                    # More or less than one frame: the general path goes on from this
-                    # header rather than looking it up again.
-                    self._pending, resume_at = pending, start
+                    if start <= size:  # a cut header can equal a shorter cached one
+                        # More or less than one frame: the general path goes on from
+                        # this header rather than looking it up again.
+                        self._pending, resume_at = pending, start
         if self._error is not None:  # a fresh copy: its frames were answered already
             error = self._error
             raise ProtocolError(error.code, error.message, error.request_id)
