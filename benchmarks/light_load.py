@@ -51,9 +51,12 @@ def thread_cpu_ns(pid: int) -> int:
 
 
 def load(loadgen: str, port: int, args: argparse.Namespace) -> int:
-    """One block of load on `port`; the requests it completed."""
+    """One block of load on `port`; the requests it completed.
+
+    No warm-up: the server's CPU is read around the whole block, so every
+    request in it must be counted (a warm-up's requests are not)."""
     argv = ["taskset", "-c", LOADGEN_CPU, loadgen, "--port", str(port), "--conns", str(args.connections),
-            "--size", str(args.size), "--duration", str(args.block), "--warmup", "0.2", "--mode", args.mode]
+            "--size", str(args.size), "--duration", str(args.block), "--warmup", "0", "--mode", args.mode]
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0 or "{" not in done.stdout:
         raise SystemExit(f"the load generator failed on port {port} (exit {done.returncode}): "
