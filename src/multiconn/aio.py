@@ -150,6 +150,9 @@ class AsyncClient:
         self._pending: deque[tuple[asyncio.Future[Frame], Any, asyncio.TimerHandle | None]] = deque()
         self._in_flight = 0  # slots taken: written and unanswered, or handed to a waiter
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        #: Waiters handed a slot that have not run yet to write with it: until
+        #: they have, a newcomer must queue too, or it would write first.
+        self._handed = 0
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         #: Set once the connection can carry no more requests: raised by later calls.
@@ -267,8 +270,9 @@ class AsyncClient:
         return None if self.timeout is None else self._loop.time() + self.timeout
 
     def _take_slot(self) -> bool:
-        """Take a free slot at once, unless someone is already waiting for one."""
-        if self._in_flight < self.max_in_flight and not self._slot_waiters:
+        """Take a free slot at once, unless someone is already waiting for one
+        or holds one it has not written with yet."""
+        if self._in_flight < self.max_in_flight and not self._slot_waiters and not self._handed:
             self._in_flight += 1
             return True
         return False
@@ -288,6 +292,7 @@ class AsyncClient:
             await waiter
         except BaseException:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._slot_taken_up()
                 self._release_slot()  # handed a slot, then cancelled before using it: pass it on
             else:
                 try:
@@ -295,9 +300,27 @@ class AsyncClient:
                 except ValueError:
                     pass
             raise
+        else:
+            self._slot_taken_up()  # the caller writes with it before anyone else runs
         finally:
             if timer is not None:
                 timer.cancel()
+
+    def _slot_taken_up(self) -> None:
+        """A handed slot's waiter runs: once none is left to run, slots freed
+        meanwhile (while newcomers had to queue) go to the oldest waiters."""
+        self._handed -= 1
+        if not self._handed:
+            waiters = self._slot_waiters
+            while waiters and self._in_flight < self.max_in_flight:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    self._in_flight += 1
+                    self._hand(waiter)
+
+    def _hand(self, waiter: asyncio.Future[None]) -> None:
+        self._handed += 1
+        waiter.set_result(None)
 
     def _release_slot(self) -> None:
         """An answer came (or a slot went unused): hand the slot to the oldest waiter."""
@@ -305,7 +328,7 @@ class AsyncClient:
         while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)  # the slot changes hands; the count stays
+                self._hand(waiter)  # the slot changes hands; the count stays
                 return
         self._in_flight -= 1
 
