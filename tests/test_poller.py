@@ -148,6 +148,12 @@ def test_a_descriptor_number_and_a_closed_socket_can_be_unregistered(poller: Pol
         assert poller.is_registered(a.fileno())
         poller.unregister(a.fileno())
         assert not poller.is_registered(a.fileno())
+        # Registered by number (as a transport registers), found by the open socket too.
+        poller.register(a.fileno(), EVENT_READ, print)
+        assert poller.is_registered(a)
+        poller.modify(a, EVENT_READ | EVENT_WRITE, print)
+        poller.unregister(a)
+        assert not poller.is_registered(a.fileno())
         poller.register(a, EVENT_READ, print)
         a.close()  # closed before unregister: found by identity, as selectors does
         assert poller.is_registered(a)

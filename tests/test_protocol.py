@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import sys
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -336,6 +337,35 @@ def test_feed_accepts_bytearray_and_memoryview() -> None:
     for data in (bytearray(wire), memoryview(wire)):
         (frame,) = FrameDecoder().feed(data)
         assert frame.content == b"abc" and type(frame.content) is bytes
+
+
+def test_a_decoder_holds_an_input_buffer_only_once_bytes_must_wait() -> None:
+    # Every idle connection has a decoder: one that has only seen whole frames
+    # (a new header, then the cached one) holds nothing but itself.
+    wire = raw_frame(hdr(b"abc"), b"abc") + raw_frame(hdr(b"abc", id=7), b"abc")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        decoders = [FrameDecoder() for _ in range(1000)]
+        for decoder in decoders:
+            assert len(decoder.feed(wire)) == 2 and not decoder.has_partial
+        held = (tracemalloc.get_traced_memory()[0] - before) / len(decoders)
+    finally:
+        tracemalloc.stop()
+    assert held < sys.getsizeof(decoders[0]) + 24, held  # the decoder, its place in the list, the cache
+    # Bytes that wait get a buffer of their own, from any kind of input, and
+    # after an error the decoder still refuses alike.
+    for kind in (bytes, bytearray, memoryview):
+        first, second = FrameDecoder(), FrameDecoder()
+        assert first.feed(kind(wire[:5])) == [] and second.feed(kind(wire[:3])) == []
+        assert [f.content for f in first.feed(kind(wire[5:]))] == [b"abc", b"abc"]
+        assert [f.content for f in second.feed(kind(wire[3:]))] == [b"abc", b"abc"]
+    broken = FrameDecoder()
+    assert broken.feed(b"\x00") == [] and broken.buffered == 1
+    for _ in range(2):
+        with pytest.raises(ProtocolError, match="header length is 0"):
+            broken.feed(b"\x00")
+    assert broken.buffered == 0
 
 
 def test_frame_split_anywhere() -> None:

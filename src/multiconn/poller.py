@@ -143,8 +143,12 @@ class EpollPoller:
         self.poll = self._epoll.poll
         self.max_events = 1
         self.callbacks: dict[int, EventCallback] = {}
-        # fd -> (file object, interest in EVENT_* terms), for the rarer paths.
-        self._registered: dict[int, tuple[Any, int]] = {}
+        # fd -> interest in EVENT_* terms, for the rarer paths: an int, not a
+        # tuple with the file object, which would cost a connection 56 bytes.
+        self._registered: dict[int, int] = {}
+        # fd -> file object, for those registered as objects rather than by
+        # descriptor: how one is found once closed (`_registered_fd`).
+        self._files: dict[int, Any] = {}
 
     def register(self, fileobj: Any, events: int, callback: EventCallback) -> None:
         """Like `selectors`: KeyError if registered, ValueError for bad arguments."""
@@ -152,7 +156,9 @@ class EpollPoller:
         if fd in self._registered:
             raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
         self._epoll.register(fd, _epoll_mask(events))
-        self._registered[fd] = (fileobj, events)
+        self._registered[fd] = events
+        if fd is not fileobj:
+            self._files[fd] = fileobj
         self.callbacks[fd] = callback
         self.max_events = min(len(self.callbacks), MAX_EVENTS)
 
@@ -160,9 +166,9 @@ class EpollPoller:
         fd = self._registered_fd(fileobj)
         if fd is None:
             raise KeyError(f"{fileobj!r} is not registered")
-        if events != self._registered[fd][1]:
+        if events != self._registered[fd]:
             self._epoll.modify(fd, _epoll_mask(events))
-            self._registered[fd] = (fileobj, events)
+            self._registered[fd] = events
         self.callbacks[fd] = callback
 
     def unregister(self, fileobj: Any) -> None:
@@ -171,6 +177,7 @@ class EpollPoller:
         if fd is None:
             return
         del self._registered[fd]
+        self._files.pop(fd, None)
         del self.callbacks[fd]
         self.max_events = max(1, min(len(self.callbacks), MAX_EVENTS))
         try:
@@ -187,7 +194,7 @@ class EpollPoller:
         try:
             fd = _fileno(fileobj)
         except ValueError:
-            for fd, (registered, _events) in self._registered.items():
+            for fd, registered in self._files.items():
                 if registered is fileobj:
                     return fd
             return None
@@ -203,11 +210,12 @@ class EpollPoller:
             mask |= EVENT_WRITE
         if events & ~select.EPOLLOUT:
             mask |= EVENT_READ
-        return mask & entry[1]
+        return mask & entry
 
     def close(self) -> None:
         self._epoll.close()
         self._registered.clear()
+        self._files.clear()
         self.callbacks.clear()
 
 

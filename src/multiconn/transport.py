@@ -599,13 +599,18 @@ class Transport:
         current = self._interest
         if interest == current:
             return
+        # A plain socket registers by its descriptor, the very int `_fd` holds:
+        # registered by the socket, the poller's key would be another int from
+        # ``fileno()``, 32 bytes more per connection (descriptors over 256 are
+        # not cached). It is unregistered before its socket is closed (`close`).
+        fileobj = self._fd if self._fd >= 0 else self.sock
         if not interest:
-            self.loop.unregister(self.sock)
+            self.loop.unregister(fileobj)
         else:
             if not current:
-                self.loop.register(self.sock, interest, self._on_events)
+                self.loop.register(fileobj, interest, self._on_events)
             else:
-                self.loop.modify(self.sock, interest, self._on_events)
+                self.loop.modify(fileobj, interest, self._on_events)
         self._interest = interest
 
     # -- timeouts and closing ---------------------------------------------
