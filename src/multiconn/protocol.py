@@ -456,10 +456,10 @@ class FrameDecoder:
         # Parsed in place only when it is all there is and is bytes, so its slices are bytes.
         buffered = bool(buffer) or type(data) is not bytes
         if buffered:
-            if type(buffer) is not bytearray:  # _NO_INPUT
-                buffer = self._buffer = bytearray()
-            buffer += data
-            source: Any = memoryview(buffer)
+            held = buffer if isinstance(buffer, bytearray) else bytearray()  # not _NO_INPUT
+            self._buffer = buffer = held
+            held += data
+            source: Any = memoryview(held)
         else:
             source = data
         frames: list[Frame] = []
@@ -476,7 +476,7 @@ class FrameDecoder:
             raise
         if buffered:
             source.release()
-            del buffer[:consumed]
+            del held[:consumed]
         elif consumed < len(data):  # the buffer is empty: it starts with the rest
             buffer = self._buffer = bytearray(memoryview(data)[consumed:])
         self.has_partial = bool(buffer) or self._pending is not None
