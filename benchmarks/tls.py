@@ -1290,10 +1290,11 @@ def build_report(args, meta, records, profiles):
             if changes:
                 L.append("- Server CPU per request without → with request ids (medians, pingpong → pingpong-ids): "
                          + ", ".join(changes) + ". multiconn caches a parsed request header, and an encoded "
-                         "answer header, only for headers without an id (src/multiconn/protocol.py): with an id "
-                         "every request header is parsed by one shared `json.JSONDecoder`, and every answer "
-                         "header is a cached template of the other keys with the id spliced in; the peers "
-                         "parse and encode every header with `json`.")
+                         "answer header, by its bytes; with an id, whose bytes are new every time, it caches "
+                         "the rest: a request header that ends in its id is looked up by the bytes before the "
+                         "id (a whole JSON parse for the first only), and an answer header is a cached "
+                         "template of the other keys with the id spliced in (src/multiconn/protocol.py); the "
+                         "peers parse and encode every header with `json`.")
         if sc.name == "pingpong" and TARGET_SERVER in names and TARGET_BASE in names:
             rates = paired(records, sc.name, TARGET_SERVER, TARGET_BASE, "rate")
             if rates:

@@ -552,6 +552,87 @@ def test_a_read_of_several_frames_looks_up_its_first_header_once(
     assert not decoder.has_partial and decoder.buffered == 0
 
 
+# -- headers that differ only in their id ------------------------------------
+
+ID_LITERALS = [b"0", b"-0", b"7", b"-12", b"123456789012345678", b"1234567890123456789",  # the last: 19 digits
+               b'""', b'"r1"', b'"with space"', "\"\u00fc\u2603\"".encode("utf-8"), b'"a\\"b"', b'"\\u00e9"',
+               b"1.5", b"1e3", b"01", b"-", b"true", b"null", b"[1]", b'"\xff"', b'"a\x01"', b" 7"]
+
+
+@pytest.fixture
+def id_prefixes(monkeypatch: pytest.MonkeyPatch) -> dict[bytes, Any]:
+    """An empty cache of known prefixes, and a count of the whole parses made."""
+    cache: dict[bytes, Any] = {}
+    monkeypatch.setattr(protocol, "_id_prefix_cache", cache)
+    return cache
+
+
+def _decoded_alone(header: bytes, content: bytes) -> Any:
+    """What a header decodes to by the general parse alone (no prefix known)."""
+    saved = dict(protocol._id_prefix_cache)
+    protocol._id_prefix_cache.clear()
+    try:
+        return FrameDecoder().feed(raw_frame(header, content))
+    except ProtocolError as exc:
+        return (exc.code, exc.request_id)
+    finally:
+        protocol._id_prefix_cache.clear()
+        protocol._id_prefix_cache.update(saved)
+
+
+@pytest.mark.parametrize("literal", ID_LITERALS, ids=repr)
+def test_an_id_after_a_known_prefix_decodes_as_the_whole_parse_does(
+        id_prefixes: dict[bytes, Any], literal: bytes) -> None:
+    """Once a header's rest is known, any id in its place (good or bad) gives
+    the frame, or the error code and request id, that a whole parse gives."""
+    prefix = json.dumps(hdr(b"abc")).encode("utf-8")[:-1]
+    assert FrameDecoder().feed(raw_frame(prefix + b', "id": 5}', b"abc"))[0].header["id"] == 5
+    assert list(id_prefixes) == [prefix]
+    header = prefix + b', "id": ' + literal + b"}"
+    expected = _decoded_alone(header, b"abc")
+    try:
+        got: Any = FrameDecoder().feed(raw_frame(header, b"abc"))
+    except ProtocolError as exc:
+        got = (exc.code, exc.request_id)
+    if isinstance(expected, list):
+        assert [(f.header, f.content) for f in got] == [(f.header, f.content) for f in expected]
+        assert type(got[0].header["id"]) is type(expected[0].header["id"])
+    else:
+        assert got == expected
+
+
+def test_headers_that_differ_only_in_their_id_are_parsed_whole_once(
+        monkeypatch: pytest.MonkeyPatch, id_prefixes: dict[bytes, Any]) -> None:
+    parses = []
+    real = protocol.parse_header
+    monkeypatch.setattr(protocol, "parse_header", lambda raw: parses.append(raw) or real(raw))
+    wire = b"".join(raw_frame(hdr(b"xy", id=i), b"xy") for i in range(50))
+    wire += b"".join(raw_frame(hdr(b"xy", id=f"s{i}"), b"xy") for i in range(50))
+    frames = FrameDecoder().feed(wire)
+    assert [f.header["id"] for f in frames] == [*range(50), *(f"s{i}" for i in range(50))]
+    assert all(f.header == hdr(b"xy", id=f.header["id"]) for f in frames)
+    assert len(parses) == 1
+    frames[0].header["content-type"] = "changed"  # a frame's header is its own
+    assert FrameDecoder().feed(raw_frame(hdr(b"xy", id=9), b"xy"))[0].header == hdr(b"xy", id=9)
+
+
+@pytest.mark.parametrize("header", [
+    # an id before the last one (the last wins, as json reads it)
+    b'{"id": 1, "byteorder": "big", "content-type": "a/b", "content-encoding": "binary", "content-length": 0, "id": 2}',
+    # the last "id" belongs to a nested object
+    b'{"byteorder": "big", "content-type": "a/b", "content-encoding": "binary", "content-length": 0, "x": {"y": 1, "id": 2}}',
+    # "id" inside a string value
+    b'{"byteorder": "big", "content-type": "a/b", "content-encoding": "binary", "content-length": 0, "x": ", \\"id\\": 3}"}',
+], ids=["two-ids", "nested", "in-a-string"])
+def test_headers_whose_id_is_not_a_plain_last_member_are_not_remembered(
+        id_prefixes: dict[bytes, Any], header: bytes) -> None:
+    expected = json.loads(header)
+    for _ in range(2):
+        (frame,) = FrameDecoder().feed(raw_frame(header))
+        assert frame.header == expected
+    assert id_prefixes == {}
+
+
 def test_a_read_that_cuts_a_header_where_a_shorter_cached_one_ends_is_not_taken_for_it() -> None:
     """JSON allows trailing whitespace, so a header cut short can be a whole, cached one."""
     header = json.dumps(hdr(b"abc")).encode("utf-8")

@@ -32,6 +32,7 @@ an error the decoder stays broken: framing can no longer be trusted.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import sys
 from typing import TYPE_CHECKING, Any, Iterable, cast
@@ -322,6 +323,68 @@ def _all_scalar(header: dict[str, Any]) -> bool:
 
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 
+#: Headers whose last member is the id, as a client that splices each
+#: request's id into one template writes them (multiconn's clients, and
+#: ``json.dumps`` of a dict with the id last): by the bytes before the id,
+#: the rest of the header, validated once. An id makes every header's bytes
+#: new, so without this each one is a whole JSON parse (benchmarks/results/micro.md).
+_id_prefix_cache: dict[bytes, tuple[dict[str, Any], int]] = {}
+_ID_MEMBER = b', "id": '
+#: The id literals read here; any other (escapes, exponents, huge numbers,
+#: spaces) goes to `parse_header`. 18 digits are an int ``int()`` reads alike.
+_INT_ID = re.compile(rb"-?(?:0|[1-9][0-9]{0,17})")
+_PLAIN_STRING_ID = re.compile(rb'"[^"\\\x00-\x1f]*"')
+
+
+def _parse_id_header(raw: bytes) -> tuple[dict[str, Any], int, Any] | None:
+    """`parse_header`'s answer for a header that is a known prefix, then
+    ``, "id": ID}``; None for any other.
+
+    Sound because of how a prefix gets known (`_remember_id_prefix`): it
+    came from a valid header that ended the same way, so the ``, "id": ``
+    found last in it was a member of the outermost object (inside a string
+    a quote is escaped; a nested object would close after it), and the
+    prefix holds no other id. Any plain literal in its place makes a valid
+    header with the same members and that id.
+    """
+    cut = raw.rfind(_ID_MEMBER)
+    if cut < 0 or raw[-1] != 0x7D:  # "}"
+        return None
+    known = _id_prefix_cache.get(raw[:cut])
+    if known is None:
+        return None
+    literal = raw[cut + len(_ID_MEMBER) : -1]
+    request_id: Any
+    if _INT_ID.fullmatch(literal):
+        request_id = int(literal)
+    elif _PLAIN_STRING_ID.fullmatch(literal):
+        try:
+            request_id = literal[1:-1].decode("utf-8")
+        except UnicodeDecodeError:
+            return None  # parse_header says what is wrong
+    else:
+        return None
+    header = known[0].copy()
+    header["id"] = request_id
+    return header, known[1], request_id
+
+
+def _remember_id_prefix(raw: bytes, parsed: tuple[dict[str, Any], int, Any]) -> None:
+    """After `parse_header` accepted `raw`, with an id: if it ends in a plain
+    id member, remember the rest for `_parse_id_header`."""
+    cut = raw.rfind(_ID_MEMBER)
+    if cut < 0 or raw[-1] != 0x7D:
+        return
+    prefix, literal = raw[:cut], raw[cut + len(_ID_MEMBER) : -1]
+    if b'"id"' in prefix or not (_INT_ID.fullmatch(literal) or _PLAIN_STRING_ID.fullmatch(literal)):
+        return  # an id before the last (or an "id" anywhere else), or a literal read only by json
+    rest = {key: value for key, value in parsed[0].items() if key != "id"}
+    if not _all_scalar(rest):
+        return  # nested values are mutable: as in the header cache
+    if len(_id_prefix_cache) >= _HEADER_CACHE_SIZE:
+        _id_prefix_cache.clear()
+    _id_prefix_cache[prefix] = (rest, parsed[1])
+
 
 class FrameDecoder:
     """Incremental decoder: `feed` bytes in, complete frames out.
@@ -512,9 +575,13 @@ class FrameDecoder:
                     raw = bytes(raw)
                 pending = cache.get(raw)
                 if pending is None:
+                    pending = _parse_id_header(raw)
+                if pending is None:
                     pending = parse_header(raw)
-                    # Headers with ids rarely repeat; nested values are mutable.
-                    if pending[2] is None and _all_scalar(pending[0]):
+                    # Headers with ids rarely repeat (their rest does); nested values are mutable.
+                    if pending[2] is not None:
+                        _remember_id_prefix(raw, pending)
+                    elif _all_scalar(pending[0]):
                         if len(cache) >= _HEADER_CACHE_SIZE:
                             cache.clear()
                         cache[raw] = pending
@@ -546,7 +613,9 @@ _BYTEORDER = sys.byteorder
 _prefix_cache: dict[tuple[Any, ...], bytes] = {}
 #: Headers of exactly content-type and content-encoding: (their values, content-length) -> prefix.
 _pair_cache: dict[tuple[str, str, int], bytes] = {}
-#: Answers with ids: the JSON text of the rest of the header, without its closing brace.
+#: Answers with ids: the JSON text of the rest of the header, without its
+#: closing brace; by (content-type, content-encoding, content-length) when
+#: those and the id are all there is, else by the rest's items and the length.
 _id_template_cache: dict[tuple[Any, ...], str] = {}
 #: One encoder for every header (``json.dumps`` with keywords builds one per call).
 _HEADER_ENCODER = json.JSONEncoder(ensure_ascii=False)
@@ -570,6 +639,11 @@ def encode_header(header: dict[str, Any], content_length: int) -> bytes:
             prefix = None
         if prefix is not None:
             return prefix
+    request_id = header.get("id")
+    if request_id is not None:  # a new header every time: the rest is a template
+        prefix = _encode_with_id(header, content_length, request_id)
+        if prefix is not None:
+            return prefix
     try:
         key = (*header.items(), content_length)
         prefix = _prefix_cache.get(key)
@@ -577,9 +651,6 @@ def encode_header(header: dict[str, Any], content_length: int) -> bytes:
         key, prefix = None, None
     if prefix is not None:
         return prefix
-    request_id = header.get("id")
-    if request_id is not None and key is not None:
-        return _encode_with_id(header, content_length, request_id)
     raw = _HEADER_ENCODER.encode(_full_header(header, content_length)).encode("utf-8")
     if len(raw) > MAX_HEADER_LENGTH:
         raise ValueError(f"encoded header is {len(raw)} bytes, more than {MAX_HEADER_LENGTH}")
@@ -604,17 +675,32 @@ def _full_header(header: dict[str, Any], content_length: int) -> dict[str, Any]:
     return full
 
 
-def _encode_with_id(header: dict[str, Any], content_length: int, request_id: Any) -> bytes:
+def _encode_with_id(header: dict[str, Any], content_length: int, request_id: Any) -> bytes | None:
     """An answer's header, whose id changes with every request: the rest is
     encoded once and cached as JSON text; the id is spliced in as the last key
-    (the protocol leaves key order free)."""
-    rest = tuple(item for item in header.items() if item[0] != "id")
-    key = (*rest, content_length)
-    text = _id_template_cache.get(key)
+    (the protocol leaves key order free), as `_parse_id_header` reads it.
+    None when a value is unhashable: no template can be looked up.
+
+    The common answer, content-type, content-encoding and the id, is looked
+    up by those two values, as `_pair_cache` does for answers without an id.
+    """
+    key: Any = None
+    if len(header) == 3:
+        try:
+            key = (header["content-type"], header["content-encoding"], content_length)
+        except KeyError:
+            pass
+    if key is None:
+        key = (*(item for item in header.items() if item[0] != "id"), content_length)
+    try:
+        text = _id_template_cache.get(key)
+    except TypeError:
+        return None
     if text is None:
-        text = _HEADER_ENCODER.encode(_full_header(dict(rest), content_length))[:-1]
+        rest = {name: value for name, value in header.items() if name != "id"}
+        text = _HEADER_ENCODER.encode(_full_header(rest, content_length))[:-1]
         # As in encode_header: only all-string headers are cached (True, 1 and 1.0 are equal keys).
-        if all(type(value) is str for _, value in rest):
+        if all(type(value) is str for value in rest.values()):
             if len(_id_template_cache) >= _HEADER_CACHE_SIZE:
                 _id_template_cache.clear()
             _id_template_cache[key] = text
