@@ -633,6 +633,21 @@ def test_headers_whose_id_is_not_a_plain_last_member_are_not_remembered(
     assert id_prefixes == {}
 
 
+def test_long_headers_are_parsed_every_time_not_cached(
+        monkeypatch: pytest.MonkeyPatch, id_prefixes: dict[bytes, Any]) -> None:
+    """The header caches are shared by every connection: a peer must not fill
+    them with headers of up to 64 KiB."""
+    cache: dict[bytes, Any] = {}
+    monkeypatch.setattr(protocol, "_header_cache", cache)
+    padding = "p" * protocol._CACHED_HEADER_BYTES
+    for header in (hdr(b"ab", x=padding), hdr(b"ab", x=padding, id=1), hdr(b"ab", x=padding, id=2)):
+        (frame,) = FrameDecoder().feed(raw_frame(header, b"ab"))
+        assert frame.header == header
+    assert cache == {} and id_prefixes == {}
+    FrameDecoder().feed(raw_frame(hdr(b"ab", x="short"), b"ab") + raw_frame(hdr(b"ab", x="short", id=1), b"ab"))
+    assert len(cache) == 1 and len(id_prefixes) == 1
+
+
 def test_a_read_that_cuts_a_header_where_a_shorter_cached_one_ends_is_not_taken_for_it() -> None:
     """JSON allows trailing whitespace, so a header cut short can be a whole, cached one."""
     header = json.dumps(hdr(b"abc")).encode("utf-8")

@@ -65,6 +65,10 @@ TEXT_ENCODINGS = frozenset(
 _HLEN = struct.Struct(">H")
 _UTF8_BOM = b"\xef\xbb\xbf"
 _HEADER_CACHE_SIZE = 1024
+#: Longer headers are parsed every time, never cached: the caches are shared
+#: by every connection, and 1,024 headers of up to 64 KiB that peers chose
+#: could hold 64 MiB. Real headers are a hundred bytes or so.
+_CACHED_HEADER_BYTES = 1024
 #: Contents at least this large are received straight into their own buffer.
 LARGE_CONTENT = 64 * 1024
 
@@ -376,7 +380,7 @@ def _remember_id_prefix(raw: bytes, parsed: tuple[dict[str, Any], int, Any]) -> 
     if cut < 0 or raw[-1] != 0x7D:
         return
     prefix, literal = raw[:cut], raw[cut + len(_ID_MEMBER) : -1]
-    if b'"id"' in prefix or not (_INT_ID.fullmatch(literal) or _PLAIN_STRING_ID.fullmatch(literal)):
+    if len(raw) > _CACHED_HEADER_BYTES or b'"id"' in prefix or not (_INT_ID.fullmatch(literal) or _PLAIN_STRING_ID.fullmatch(literal)):
         return  # an id before the last (or an "id" anywhere else), or a literal read only by json
     rest = {key: value for key, value in parsed[0].items() if key != "id"}
     if not _all_scalar(rest):
@@ -581,7 +585,7 @@ class FrameDecoder:
                     # Headers with ids rarely repeat (their rest does); nested values are mutable.
                     if pending[2] is not None:
                         _remember_id_prefix(raw, pending)
-                    elif _all_scalar(pending[0]):
+                    elif hlen <= _CACHED_HEADER_BYTES and _all_scalar(pending[0]):
                         if len(cache) >= _HEADER_CACHE_SIZE:
                             cache.clear()
                         cache[raw] = pending
