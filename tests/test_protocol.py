@@ -1219,6 +1219,28 @@ def fuzz_input(draw: st.DrawFn) -> bytes:
 
 
 @PROPS
+@given(frames_strategy(), st.lists(ids.filter(lambda i: i is not None), min_size=2, max_size=4),
+       st.sampled_from(["encoder", "json.dumps"]))
+def test_property_frames_that_differ_only_in_their_id_decode_alike(
+        item: tuple[Frame, Any], request_ids: list[Any], writer: str) -> None:
+    """The same header with other ids, as multiconn's encoder or json.dumps
+    (id last) writes it: every frame decodes to that header and its own id,
+    whether its rest was known already or not."""
+    frame, _ = item
+    rest = {key: value for key, value in frame.header.items() if key != "id"}
+    frames = [Frame({**rest, "id": request_id}, frame.content) for request_id in request_ids]
+    if writer == "encoder":
+        wire = encode_frames(frames)
+    else:
+        wire = b"".join(raw_frame({"byteorder": "big", **rest, "content-length": len(f.content),
+                                   "id": f.header["id"]}, f.content) for f in frames)
+    decoded = FrameDecoder().feed(wire)
+    assert [(f.header["id"], type(f.header["id"])) for f in decoded] == [(i, type(i)) for i in request_ids]
+    for got, sent in zip(decoded, frames):
+        assert {k: v for k, v in got.header.items() if k not in ("byteorder", "content-length")} == sent.header
+        assert got.content == sent.content
+
+
 @given(fuzz_input(), st.data(), st.sampled_from([10, 1000, DEFAULT_MAX_CONTENT]))
 def test_property_garbage_only_raises_protocol_error(
     blob: bytes, data: st.DataObject, max_content: int
