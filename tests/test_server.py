@@ -14,6 +14,7 @@ that is busy elsewhere) and are followed by a read with a timeout.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import select
 import selectors
 import socket
 import struct
+import termios
 import threading
 import time
 from collections import deque
@@ -1090,6 +1092,58 @@ def test_a_slow_steady_reader_is_not_idle(start_server: Any, open_raw: Any) -> N
     time.sleep(0.1)  # well within the idle timeout after the last byte arrived
     conn.sendall(encode_frame(Frame.binary(b"next", id=2)))
     assert conn.recv_frames(1)[0].id == 2
+
+
+def test_a_send_queue_that_emptied_since_the_last_look_is_progress() -> None:
+    """The idle check asks the kernel how much of what was sent it still
+    holds only when the idle timeout would fire. A queue that held bytes at
+    the last look and is empty now moved: the peer read the answer's tail
+    since, and may still be reading its own buffer before it sends again
+    (test_a_slow_steady_reader_is_not_idle lost that race now and then). It
+    gets one more idle timeout; a queue that stays empty is idle."""
+    from multiconn.session import RawEchoSession
+    from multiconn.transport import Transport as _Transport
+
+    class Owner:
+        def __init__(self) -> None:
+            self.closed: list[str] = []
+
+        def connection_closed(self, transport: Any, reason: str) -> None:
+            self.closed.append(reason)
+
+        def output_paused(self, transport: Any) -> None:
+            pass
+
+    def unsent(sock: socket.socket) -> int:  # what the kernel holds of what was sent (SIOCOUTQ)
+        return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+
+    owner = Owner()
+    answer = b"t" * (256 * KiB)
+    with EventLoop() as loop, socket.create_server(("127.0.0.1", 0)) as listener, \
+            socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * KiB)  # before connecting: a small window
+        client.connect(listener.getsockname())
+        server_side, _ = listener.accept()
+        server_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 * MiB)
+        transport = _Transport(server_side, loop, Limits(idle_timeout=0.5), owner)
+        transport.attach(RawEchoSession(transport))
+        transport.write(answer)
+        assert transport.pending_output == 0 and unsent(server_side) > 0  # with the kernel, not yet read
+        start = transport.last_activity
+        transport.check_timeouts(start + 1)  # the kernel still holds bytes: moving
+        assert owner.closed == []
+        received = 0
+        client.settimeout(5)
+        while received < len(answer):
+            received += len(client.recv(64 * KiB))
+        deadline = time.monotonic() + 5
+        while unsent(server_side) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the last bytes are acknowledged
+        assert unsent(server_side) == 0
+        transport.check_timeouts(start + 2)
+        assert owner.closed == [], "closed as idle though its output moved since the last look"
+        transport.check_timeouts(start + 3)
+        assert owner.closed == ["idle timeout"]
 
 
 # -- 10. max-connections ----------------------------------------------------------------------

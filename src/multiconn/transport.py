@@ -647,12 +647,15 @@ class Transport:
                 self.close("idle timeout")
 
     def _kernel_output_moved(self) -> bool:
-        """Whether bytes we sent are still in the kernel's send queue and fewer
-        than at the last look: the peer is reading slowly, not idle.
+        """Whether the kernel's send queue moved since the last look (the
+        bytes it still held are fewer, or gone): the peer is reading slowly,
+        not idle.
 
         Our last ``send`` may have handed the kernel megabytes (its buffer grows
         with the connection), so a peer still reading them long after looks
-        idle from here. Asked only when the idle timeout would fire.
+        idle from here. Asked only when the idle timeout would fire, so a
+        queue that emptied just before counts as moved: the peer may still be
+        reading its own buffer, and gets one more idle timeout from now.
         """
         if _OUTQ is None:
             return False
@@ -661,7 +664,7 @@ class Transport:
         except OSError:
             return False
         before, self._kernel_unsent = self._kernel_unsent, unsent
-        return 0 < unsent != before
+        return unsent != before
 
     def _probe_peer_gone(self) -> bool:
         """Close the connection if its peer reset it; True if so.
