@@ -114,8 +114,8 @@ _new_frame = object.__new__
 #: client program, are the same bytes again and again.
 _header_cache: dict[bytes, tuple[dict[str, Any], int, Any]] = {}
 #: A decoder's input buffer while it holds nothing: shared, so that an idle
-#: connection carries no empty ``bytearray`` of its own (56 bytes of its 0.8
-#: KiB). `FrameDecoder.feed` makes a ``bytearray`` when bytes must wait.
+#: connection carries no empty ``bytearray`` of its own (56 bytes, a twelfth
+#: of an idle connection). `FrameDecoder.feed` makes one when bytes must wait.
 _NO_INPUT = b""
 
 
@@ -334,8 +334,9 @@ _SCALARS = frozenset({str, int, float, bool, type(None)})
 #: new, so without this each one is a whole JSON parse (benchmarks/results/micro.md).
 _id_prefix_cache: dict[bytes, tuple[dict[str, Any], int]] = {}
 _ID_MEMBER = b', "id": '
-#: The id literals read here; any other (escapes, exponents, huge numbers,
-#: spaces) goes to `parse_header`. 18 digits are an int ``int()`` reads alike.
+#: The id literals read here; any other (escapes, exponents, spaces, more
+#: than 18 digits: json's own limit on long ints stays json's to report)
+#: goes to `parse_header`.
 _INT_ID = re.compile(rb"-?(?:0|[1-9][0-9]{0,17})")
 _PLAIN_STRING_ID = re.compile(rb'"[^"\\\x00-\x1f]*"')
 
@@ -380,8 +381,10 @@ def _remember_id_prefix(raw: bytes, parsed: tuple[dict[str, Any], int, Any]) -> 
     if cut < 0 or raw[-1] != 0x7D:
         return
     prefix, literal = raw[:cut], raw[cut + len(_ID_MEMBER) : -1]
-    if len(raw) > _CACHED_HEADER_BYTES or b'"id"' in prefix or not (_INT_ID.fullmatch(literal) or _PLAIN_STRING_ID.fullmatch(literal)):
-        return  # an id before the last (or an "id" anywhere else), or a literal read only by json
+    if len(raw) > _CACHED_HEADER_BYTES or b'"id"' in prefix:
+        return  # too long to keep, or an id before the last (or "id" anywhere else)
+    if not (_INT_ID.fullmatch(literal) or _PLAIN_STRING_ID.fullmatch(literal)):
+        return  # a literal only json reads
     rest = {key: value for key, value in parsed[0].items() if key != "id"}
     if not _all_scalar(rest):
         return  # nested values are mutable: as in the header cache
