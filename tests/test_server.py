@@ -1094,6 +1094,20 @@ def test_a_slow_steady_reader_is_not_idle(start_server: Any, open_raw: Any) -> N
     assert conn.recv_frames(1)[0].id == 2
 
 
+class ClosingOwner:
+    """A transport's owner for tests that build a `Transport` themselves: it
+    records why its connection closed."""
+
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+
+    def connection_closed(self, transport: Any, reason: str) -> None:
+        self.closed.append(reason)
+
+    def output_paused(self, transport: Any) -> None:
+        pass
+
+
 def test_a_send_queue_that_emptied_since_the_last_look_is_progress() -> None:
     """The idle check asks the kernel how much of what was sent it still
     holds only when the idle timeout would fire. A queue that held bytes at
@@ -1104,20 +1118,10 @@ def test_a_send_queue_that_emptied_since_the_last_look_is_progress() -> None:
     from multiconn.session import RawEchoSession
     from multiconn.transport import Transport as _Transport
 
-    class Owner:
-        def __init__(self) -> None:
-            self.closed: list[str] = []
-
-        def connection_closed(self, transport: Any, reason: str) -> None:
-            self.closed.append(reason)
-
-        def output_paused(self, transport: Any) -> None:
-            pass
-
     def unsent(sock: socket.socket) -> int:  # what the kernel holds of what was sent (SIOCOUTQ)
         return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
 
-    owner = Owner()
+    owner = ClosingOwner()
     answer = b"t" * (256 * KiB)
     with EventLoop() as loop, socket.create_server(("127.0.0.1", 0)) as listener, \
             socket.socket() as client:
@@ -1280,17 +1284,7 @@ def test_a_preamble_stage_that_raises_costs_only_its_connection(caplog: pytest.L
         def step(self) -> None:
             raise RuntimeError("a bug in a stage")
 
-    class Owner:
-        def __init__(self) -> None:
-            self.closed: list[str] = []
-
-        def connection_closed(self, transport: Any, reason: str) -> None:
-            self.closed.append(reason)
-
-        def output_paused(self, transport: Any) -> None:
-            pass
-
-    owner = Owner()
+    owner = ClosingOwner()
     with EventLoop() as loop:
         server_side, client = socket.socketpair()
         with client:
