@@ -341,6 +341,23 @@ _INT_ID = re.compile(rb"-?(?:0|[1-9][0-9]{0,17})")
 _PLAIN_STRING_ID = re.compile(rb'"[^"\\\x00-\x1f]*"')
 
 
+def _split_last_id(raw: bytes) -> tuple[bytes, Any] | None:
+    """(the bytes before it, the id) for a header that ends in a plain id
+    member, ``, "id": ID}``; None for any other."""
+    cut = raw.rfind(_ID_MEMBER)
+    if cut < 0 or raw[-1] != 0x7D:  # "}"
+        return None
+    literal = raw[cut + len(_ID_MEMBER) : -1]
+    if _INT_ID.fullmatch(literal):
+        return raw[:cut], int(literal)
+    if _PLAIN_STRING_ID.fullmatch(literal):
+        try:
+            return raw[:cut], literal[1:-1].decode("utf-8")
+        except UnicodeDecodeError:
+            return None  # parse_header says what is wrong
+    return None
+
+
 def _parse_id_header(raw: bytes) -> tuple[dict[str, Any], int, Any] | None:
     """`parse_header`'s answer for a header that is a known prefix, then
     ``, "id": ID}``; None for any other.
@@ -352,22 +369,12 @@ def _parse_id_header(raw: bytes) -> tuple[dict[str, Any], int, Any] | None:
     prefix holds no other id. Any plain literal in its place makes a valid
     header with the same members and that id.
     """
-    cut = raw.rfind(_ID_MEMBER)
-    if cut < 0 or raw[-1] != 0x7D:  # "}"
+    split = _split_last_id(raw)
+    if split is None:
         return None
-    known = _id_prefix_cache.get(raw[:cut])
+    prefix, request_id = split
+    known = _id_prefix_cache.get(prefix)
     if known is None:
-        return None
-    literal = raw[cut + len(_ID_MEMBER) : -1]
-    request_id: Any
-    if _INT_ID.fullmatch(literal):
-        request_id = int(literal)
-    elif _PLAIN_STRING_ID.fullmatch(literal):
-        try:
-            request_id = literal[1:-1].decode("utf-8")
-        except UnicodeDecodeError:
-            return None  # parse_header says what is wrong
-    else:
         return None
     header = known[0].copy()
     header["id"] = request_id
@@ -377,20 +384,15 @@ def _parse_id_header(raw: bytes) -> tuple[dict[str, Any], int, Any] | None:
 def _remember_id_prefix(raw: bytes, parsed: tuple[dict[str, Any], int, Any]) -> None:
     """After `parse_header` accepted `raw`, with an id: if it ends in a plain
     id member, remember the rest for `_parse_id_header`."""
-    cut = raw.rfind(_ID_MEMBER)
-    if cut < 0 or raw[-1] != 0x7D:
-        return
-    prefix, literal = raw[:cut], raw[cut + len(_ID_MEMBER) : -1]
-    if len(raw) > _CACHED_HEADER_BYTES or b'"id"' in prefix:
-        return  # too long to keep, or an id before the last (or "id" anywhere else)
-    if not (_INT_ID.fullmatch(literal) or _PLAIN_STRING_ID.fullmatch(literal)):
-        return  # a literal only json reads
+    split = _split_last_id(raw)
+    if split is None or b'"id"' in split[0]:
+        return  # a literal only json reads, or an id before the last (or "id" anywhere else)
     rest = {key: value for key, value in parsed[0].items() if key != "id"}
     if not _all_scalar(rest):
         return  # nested values are mutable: as in the header cache
     if len(_id_prefix_cache) >= _HEADER_CACHE_SIZE:
         _id_prefix_cache.clear()
-    _id_prefix_cache[prefix] = (rest, parsed[1])
+    _id_prefix_cache[split[0]] = (rest, parsed[1])
 
 
 class FrameDecoder:
@@ -585,13 +587,14 @@ class FrameDecoder:
                     pending = _parse_id_header(raw)
                 if pending is None:
                     pending = parse_header(raw)
-                    # Headers with ids rarely repeat (their rest does); nested values are mutable.
-                    if pending[2] is not None:
-                        _remember_id_prefix(raw, pending)
-                    elif hlen <= _CACHED_HEADER_BYTES and _all_scalar(pending[0]):
-                        if len(cache) >= _HEADER_CACHE_SIZE:
-                            cache.clear()
-                        cache[raw] = pending
+                    if hlen <= _CACHED_HEADER_BYTES:
+                        # Headers with ids rarely repeat (their rest does); nested values are mutable.
+                        if pending[2] is not None:
+                            _remember_id_prefix(raw, pending)
+                        elif _all_scalar(pending[0]):
+                            if len(cache) >= _HEADER_CACHE_SIZE:
+                                cache.clear()
+                            cache[raw] = pending
                 if pending[1] > self.max_content:
                     raise _fail(
                         ErrorCode.CONTENT_TOO_LARGE,
